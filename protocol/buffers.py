@@ -1,0 +1,106 @@
+"""Cursors over scatter-gather buffers (the descriptor chain of one request).
+
+A request arrives as a list of device-readable `memoryview`s and leaves as a
+list of device-writable ones; a virtio driver may cut them anywhere, so a
+header can straddle two descriptors.  `Reader` and `Writer` hide that: small
+headers are copied, bulk data is handed out as zero-copy views for
+`os.preadv`/`os.pwritev`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class BufferError_(ValueError):
+    """A request asked for more bytes than its buffers hold."""
+
+
+def _take(views: Sequence[memoryview], index: int, offset: int, n: int
+          ) -> tuple[list[memoryview], int, int]:
+    """Slice `n` bytes starting at (index, offset); returns views and new position."""
+    out: list[memoryview] = []
+    while n > 0:
+        if index >= len(views):
+            raise BufferError_("buffer exhausted")
+        v = views[index]
+        avail = len(v) - offset
+        if avail <= 0:
+            index, offset = index + 1, 0
+            continue
+        k = min(avail, n)
+        out.append(v[offset:offset + k])
+        n -= k
+        offset += k
+        if offset == len(v):
+            index, offset = index + 1, 0
+    return out, index, offset
+
+
+class Reader:
+    """Consumes device-readable buffers front to back."""
+
+    __slots__ = ("_views", "_index", "_offset", "remaining")
+
+    def __init__(self, views: Sequence[memoryview], limit: int | None = None):
+        self._views = [v.cast("B") if v.format != "B" else v for v in views]
+        self._index = 0
+        self._offset = 0
+        total = sum(len(v) for v in self._views)
+        self.remaining = total if limit is None else min(total, limit)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Reader":
+        return cls([memoryview(data)])
+
+    def limit(self, n: int) -> None:
+        """Never hand out more than `n` further bytes (the request's own length)."""
+        self.remaining = min(self.remaining, max(n, 0))
+
+    def views(self, n: int) -> list[memoryview]:
+        """The next `n` bytes as zero-copy views."""
+        if n > self.remaining:
+            raise BufferError_(f"wanted {n} bytes, {self.remaining} left")
+        out, self._index, self._offset = _take(self._views, self._index, self._offset, n)
+        self.remaining -= n
+        return out
+
+    def read(self, n: int) -> bytes:
+        """The next `n` bytes, copied (for headers and names)."""
+        parts = self.views(n)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+    def read_rest(self) -> bytes:
+        return self.read(self.remaining)
+
+
+class Writer:
+    """Fills device-writable buffers front to back and counts what it wrote."""
+
+    __slots__ = ("_views", "_index", "_offset", "capacity", "written")
+
+    def __init__(self, views: Sequence[memoryview]):
+        self._views = [v.cast("B") if v.format != "B" else v for v in views]
+        self._index = 0
+        self._offset = 0
+        self.capacity = sum(len(v) for v in self._views)
+        self.written = 0
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.written
+
+    def views(self, n: int) -> list[memoryview]:
+        """Reserve the next `n` bytes and return them as views to fill in place."""
+        if n > self.room:
+            raise BufferError_(f"reply of {n} bytes does not fit in {self.room}")
+        out, self._index, self._offset = _take(self._views, self._index, self._offset, n)
+        self.written += n
+        return out
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pos = 0
+        for v in self.views(len(data)):
+            k = len(v)
+            v[:] = data[pos:pos + k]
+            pos += k

@@ -1,0 +1,94 @@
+"""The typed contract between the FUSE server and a filesystem.
+
+The server decodes FUSE bytes into these, calls one filesystem method per
+opcode, and encodes what comes back; the filesystem never sees protocol bytes
+and raises `OSError(errno)` for every failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """Who asks: the requesting guest process, from fuse_in_header."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What the guest sees of an inode (becomes fuse_attr)."""
+
+    ino: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    mode: int  # S_IFMT | 07777, as the guest sees it
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int  # Linux dev_t (os.makedev encoding)
+    blksize: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A looked-up name: the node id the guest will use and its attributes."""
+
+    nodeid: int
+    generation: int
+    attr: Attr
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int
+    namelen: int
+    frsize: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One directory entry; `off` is the cookie that resumes after it."""
+
+    name: bytes
+    ino: int
+    type: int  # DT_* value
+    off: int
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An open file or directory handle, with FOPEN_* flags for the guest."""
+
+    fh: int
+    open_flags: int = 0
+
+
+# Marker for "set this time to the current time" in SetAttr.
+NOW = "now"
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """The changes of one SETATTR; a field left None is not changed."""
+
+    mode: int | None = None  # permission bits only (07777)
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | str | None = None  # int, NOW or None
+    mtime_ns: int | str | None = None
+    fh: int | None = None
+    kill_suidgid: bool = False  # FATTR_KILL_SUIDGID (HANDLE_KILLPRIV_V2)

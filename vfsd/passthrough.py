@@ -1,0 +1,631 @@
+"""The filesystem: a shared host directory served to the guest, unprivileged.
+
+Only this module makes host filesystem calls.  Rules it keeps (see
+docs/ownership.md and ../shared/design/ownership.md):
+
+* Every live node holds an O_PATH fd; every call is an `*at` call relative to
+  such an fd with a single, checked name component (`server.check_name`),
+  opened with O_NOFOLLOW, so no guest name can reach outside the shared
+  directory ('..', '/', symlinks and NUL never get that far).
+* The guest's uid/gid/mode/device number live in a record xattr on the host
+  inode (`ownership.encode`); the host inode stays owned by the daemon's user
+  with a safe mode (`ownership.host_mode_for`).  Objects without a valid
+  record show the default owner (`ownership.default_record`).
+* Guest symlinks, device nodes, FIFOs and sockets are regular host files
+  carrying their record (Linux refuses user.* xattrs on the real thing, and
+  the daemon must never open a host special file for the guest); a symlink
+  file holds its target.
+* New regular objects are created as O_TMPFILE, get content and record, and
+  only then are linked into place, so a crash never shows a file whose
+  record is missing or half-written.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+
+from . import ownership, syscalls
+from .fsapi import NOW, Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
+from .ownership import Record, RecordError
+from .syscalls import proc_fd
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
+_HOST_RECORD_TYPES = (stat.S_IFREG, stat.S_IFDIR)  # host types that can carry user.*
+_MAX_SYMLINK = 4095
+
+
+@dataclass(eq=False)
+class Inode:
+    nodeid: int
+    fd: int  # O_PATH
+    key: tuple[int, int]  # (st_dev, st_ino)
+    nlookup: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Cached record: a write by this daemon updates it; it is read once per
+    # live node (host-side record edits show after the node is forgotten).
+    record: Record | None = None
+    record_loaded: bool = False
+    bad_record_logged: bool = False
+
+
+@dataclass(eq=False)
+class Handle:
+    fd: int
+    nodeid: int
+    is_dir: bool = False
+    entries: list | None = None  # directory snapshot for READDIR offsets
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PassthroughFs:
+    def __init__(self, shared_dir: str, *, record_name: str = ownership.DEFAULT_RECORD_NAME.decode(),
+                 uidmap: ownership.IdMap | None = None, gidmap: ownership.IdMap | None = None,
+                 key: bytes | None = None, readonly: bool = False):
+        self.record_name = record_name
+        self._record_name_b = record_name.encode()
+        self.uidmap = uidmap
+        self.gidmap = gidmap
+        self.key = key
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        self._by_id: dict[int, Inode] = {}
+        self._by_key: dict[tuple[int, int], Inode] = {}
+        self._next_id = itertools.count(ROOT_ID + 1)
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = itertools.count(1)
+        self._tmpfile_ok = True
+        fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        root = Inode(ROOT_ID, fd, (st.st_dev, st.st_ino), nlookup=1 << 62)
+        self._by_id[ROOT_ID] = root
+        self._by_key[root.key] = root
+
+    # ------------------------------------------------------------------
+    # Start-up checks
+    # ------------------------------------------------------------------
+    def check_xattr_support(self) -> None:
+        """Fail early on a filesystem that cannot hold records (no user.* xattrs)."""
+        probe = "user.vfsd-probe"
+        path = proc_fd(self._by_id[ROOT_ID].fd)
+        try:
+            os.setxattr(path, probe, b"1")
+            os.removexattr(path, probe)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise OSError(e.errno, "the shared directory's filesystem does not support "
+                                       "user.* extended attributes, where vfsd keeps guest "
+                                       "ownership") from None
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and self.readonly:
+                return
+            raise
+
+    # ------------------------------------------------------------------
+    # Inode table
+    # ------------------------------------------------------------------
+    def _inode(self, nodeid: int) -> Inode:
+        ino = self._by_id.get(nodeid)
+        if ino is None:
+            raise OSError(errno.EBADF, f"unknown node id {nodeid}")
+        return ino
+
+    def _adopt(self, fd: int, st: os.stat_result) -> Inode:
+        """Enter an O_PATH fd into the table (or reuse the live node) with one lookup."""
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            ino = self._by_key.get(key)
+            if ino is not None:
+                ino.nlookup += 1
+                os.close(fd)
+                return ino
+            ino = Inode(next(self._next_id), fd, key, nlookup=1)
+            self._by_id[ino.nodeid] = ino
+            self._by_key[key] = ino
+            return ino
+
+    def _open_child(self, parent: Inode, name: bytes) -> tuple[int, os.stat_result]:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            return fd, os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _entry(self, ino: Inode, st: os.stat_result | None = None) -> Entry:
+        return Entry(ino.nodeid, 0, self._attr(ino, st))
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        if nodeid == ROOT_ID:
+            return
+        with self._lock:
+            ino = self._by_id.get(nodeid)
+            if ino is None:
+                return
+            ino.nlookup -= nlookup
+            if ino.nlookup > 0:
+                return
+            del self._by_id[nodeid]
+            if self._by_key.get(ino.key) is ino:
+                del self._by_key[ino.key]
+        os.close(ino.fd)
+
+    def batch_forget(self, items) -> None:
+        for item in items:
+            self.forget(item.nodeid, item.nlookup)
+
+    def destroy(self) -> None:
+        """The guest unmounted: drop every handle and every node but the root."""
+        with self._lock:
+            handles, self._handles = self._handles, {}
+            nodes = [i for i in self._by_id.values() if i.nodeid != ROOT_ID]
+            root = self._by_id[ROOT_ID]
+            self._by_id = {ROOT_ID: root}
+            self._by_key = {root.key: root}
+        for h in handles.values():
+            os.close(h.fd)
+        for ino in nodes:
+            os.close(ino.fd)
+
+    # ------------------------------------------------------------------
+    # Records
+    # ------------------------------------------------------------------
+    def _load_record(self, ino: Inode, st: os.stat_result) -> Record | None:
+        if ino.record_loaded:
+            return ino.record
+        rec = None
+        host_type = stat.S_IFMT(st.st_mode)
+        if host_type in _HOST_RECORD_TYPES:
+            try:
+                data = os.getxattr(proc_fd(ino.fd), self.record_name)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+            else:
+                try:
+                    rec = ownership.decode(data, self.key, name=self._record_name_b)
+                    if ownership.host_type_for(rec.mode) != host_type:
+                        raise RecordError(f"record type {stat.S_IFMT(rec.mode):#o} does not "
+                                          f"fit a host {stat.filemode(st.st_mode)[0]} inode")
+                except RecordError as e:
+                    if not ino.bad_record_logged:
+                        ino.bad_record_logged = True
+                        log.warning("inode %d (host ino %d): ignoring invalid %s record: %s; "
+                                    "showing the default owner", ino.nodeid, st.st_ino,
+                                    self.record_name, e)
+                    rec = None
+        ino.record, ino.record_loaded = rec, True
+        return rec
+
+    def _effective(self, ino: Inode, st: os.stat_result) -> Record:
+        rec = self._load_record(ino, st)
+        if rec is not None:
+            return rec
+        return ownership.default_record(st.st_uid, st.st_gid, st.st_mode, self.uidmap,
+                                        self.gidmap, host_rdev=st.st_rdev)
+
+    def _store_record(self, ino: Inode, rec: Record, st: os.stat_result) -> None:
+        if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
+            # A host-made symlink/FIFO/device cannot carry user.* xattrs.
+            raise OSError(errno.EPERM, "cannot record ownership on a host special file")
+        path = proc_fd(ino.fd)
+        os.setxattr(path, self.record_name,
+                    ownership.encode(rec, self.key, name=self._record_name_b))
+        want = ownership.host_mode_for(rec.mode)
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+        ino.record, ino.record_loaded = rec, True
+
+    def _attr(self, ino: Inode, st: os.stat_result | None = None) -> Attr:
+        if st is None:
+            st = os.fstat(ino.fd)
+        rec = self._effective(ino, st)
+        return Attr(ino=st.st_ino, size=st.st_size, blocks=st.st_blocks,
+                    atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                    mode=rec.mode, nlink=st.st_nlink, uid=rec.uid, gid=rec.gid,
+                    rdev=rec.rdev, blksize=st.st_blksize)
+
+    def _new_record(self, ctx: Ctx, parent: Inode, mode: int, rdev: int = 0) -> Record:
+        """Owner of a new object: the caller, or the parent's group under a setgid
+        directory (which new subdirectories inherit) — POSIX semantics the host
+        kernel cannot supply since it sees only the daemon's user."""
+        prec = self._effective(parent, os.fstat(parent.fd))
+        gid, perm = ctx.gid, mode & 0o7777
+        if prec.mode & stat.S_ISGID:
+            gid = prec.gid
+            if stat.S_ISDIR(mode):
+                perm |= stat.S_ISGID
+        major = minor = 0
+        if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
+            major, minor = os.major(rdev), os.minor(rdev)
+        return Record(ctx.uid, gid, stat.S_IFMT(mode) | perm, major, minor)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise OSError(errno.EROFS, "read-only share")
+
+    # ------------------------------------------------------------------
+    # Creating objects
+    # ------------------------------------------------------------------
+    def _make_file(self, parent: Inode, name: bytes, rec: Record, content: bytes = b"") -> int:
+        """Create a regular host file holding `content` and `rec`, atomically where
+        the host allows it; returns an O_RDWR fd of the new, named file."""
+        mode = ownership.host_mode_for(rec.mode)
+        value = ownership.encode(rec, self.key, name=self._record_name_b)
+        if self._tmpfile_ok:
+            try:
+                fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                             dir_fd=parent.fd)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                log.info("host filesystem has no O_TMPFILE (%s); creating files "
+                         "non-atomically", e)
+                self._tmpfile_ok = False
+            else:
+                try:
+                    os.fchmod(fd, mode)
+                    if content:
+                        os.write(fd, content)
+                    os.setxattr(fd, self.record_name, value)
+                    syscalls.link_fd(fd, parent.fd, name)
+                    return fd
+                except BaseException:
+                    os.close(fd)
+                    raise
+        # Fallback: the name is visible for a moment without its record, which
+        # shows the default owner and never more (ownership.md, The record).
+        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=parent.fd)
+        try:
+            os.setxattr(fd, self.record_name, value)
+            os.fchmod(fd, mode)
+            if content:
+                os.write(fd, content)
+            return fd
+        except BaseException:
+            os.close(fd)
+            os.unlink(name, dir_fd=parent.fd)
+            raise
+
+    def _adopt_new(self, fd: int, rec: Record) -> Inode:
+        """Enter a just-created object, whose record we know, into the table."""
+        path_fd = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
+        st = os.fstat(path_fd)
+        ino = self._adopt(path_fd, st)
+        with ino.lock:
+            ino.record, ino.record_loaded = rec, True
+        return ino
+
+    def _create_special(self, ctx: Ctx, parent_id: int, name: bytes, rec: Record,
+                        content: bytes = b"") -> Entry:
+        self._check_writable()
+        parent = self._inode(parent_id)
+        fd = self._make_file(parent, name, rec, content)
+        try:
+            ino = self._adopt_new(fd, rec)
+        finally:
+            os.close(fd)
+        return self._entry(ino)
+
+    # ------------------------------------------------------------------
+    # Operations: names
+    # ------------------------------------------------------------------
+    def lookup(self, ctx: Ctx, parent_id: int, name: bytes) -> Entry:
+        parent = self._inode(parent_id)
+        fd, st = self._open_child(parent, name)
+        ino = self._adopt(fd, st)
+        return self._entry(ino, st)
+
+    def getattr(self, ctx: Ctx, nodeid: int, fh: int | None) -> Attr:
+        return self._attr(self._inode(nodeid))
+
+    def setattr(self, ctx: Ctx, nodeid: int, ch: SetAttr) -> Attr:
+        self._check_writable()
+        ino = self._inode(nodeid)
+        with ino.lock:
+            st = os.fstat(ino.fd)
+            if ch.size is not None:
+                rec = self._effective(ino, st)
+                if stat.S_ISDIR(rec.mode):
+                    raise OSError(errno.EISDIR, "truncate of a directory")
+                if not stat.S_ISREG(rec.mode):
+                    raise OSError(errno.EINVAL, "truncate of a special file")
+                h = self._handles.get(ch.fh) if ch.fh is not None else None
+                if h is not None and not h.is_dir and h.nodeid == nodeid:
+                    os.ftruncate(h.fd, ch.size)
+                else:
+                    os.truncate(proc_fd(ino.fd), ch.size)
+            if ch.mode is not None or ch.uid is not None or ch.gid is not None or ch.kill_suidgid:
+                old = self._effective(ino, st)
+                new = old.with_owner(ch.uid, ch.gid)
+                if ch.mode is not None:
+                    new = new.with_mode(ch.mode)
+                if ch.kill_suidgid:
+                    new = new.without_suid_sgid()
+                if new != old or self._load_record(ino, st) is None:
+                    self._store_record(ino, new, st)
+            if ch.atime_ns is not None or ch.mtime_ns is not None:
+                syscalls.utimensat(syscalls.AT_FDCWD, proc_fd(ino.fd), ch.atime_ns, ch.mtime_ns)
+            return self._attr(ino)
+
+    def readlink(self, ctx: Ctx, nodeid: int) -> bytes:
+        ino = self._inode(nodeid)
+        st = os.fstat(ino.fd)
+        if stat.S_ISLNK(st.st_mode):
+            return os.fsencode(os.readlink("", dir_fd=ino.fd))  # readlinkat(fd, "")
+        if not stat.S_ISLNK(self._effective(ino, st).mode):
+            raise OSError(errno.EINVAL, "not a symlink")
+        fd = os.open(proc_fd(ino.fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            target = os.read(fd, _MAX_SYMLINK + 1)
+        finally:
+            os.close(fd)
+        if not target or len(target) > _MAX_SYMLINK or b"\0" in target:
+            raise OSError(errno.EIO, "corrupt symlink file")
+        return target
+
+    def symlink(self, ctx: Ctx, parent_id: int, name: bytes, target: bytes) -> Entry:
+        rec = self._new_record(ctx, self._inode(parent_id), stat.S_IFLNK | 0o777)
+        return self._create_special(ctx, parent_id, name, rec, target)
+
+    def mknod(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, rdev: int,
+              umask: int) -> Entry:
+        kind = stat.S_IFMT(mode)
+        if kind == 0:
+            mode |= stat.S_IFREG  # mknod(2): a zero type means a regular file
+        elif kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                          stat.S_IFSOCK):
+            raise OSError(errno.EINVAL, "mknod of this file type")
+        rec = self._new_record(ctx, self._inode(parent_id), mode, rdev)
+        return self._create_special(ctx, parent_id, name, rec)
+
+    def mkdir(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, umask: int) -> Entry:
+        self._check_writable()
+        parent = self._inode(parent_id)
+        rec = self._new_record(ctx, parent, stat.S_IFDIR | (mode & 0o7777))
+        # A directory cannot be made as O_TMPFILE; until its record lands it
+        # shows the default owner with a 0700 host mode, never more.
+        os.mkdir(name, 0o700, dir_fd=parent.fd)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent.fd)
+            st = os.fstat(fd)
+            ino = self._adopt(fd, st)
+            with ino.lock:
+                self._store_record(ino, rec, st)
+        except BaseException:
+            try:
+                os.rmdir(name, dir_fd=parent.fd)
+            except OSError:
+                pass
+            raise
+        return self._entry(ino)
+
+    def unlink(self, ctx: Ctx, parent_id: int, name: bytes) -> None:
+        self._check_writable()
+        os.unlink(name, dir_fd=self._inode(parent_id).fd)
+
+    def rmdir(self, ctx: Ctx, parent_id: int, name: bytes) -> None:
+        self._check_writable()
+        os.rmdir(name, dir_fd=self._inode(parent_id).fd)
+
+    def rename(self, ctx: Ctx, parent_id: int, name: bytes, newparent_id: int, newname: bytes,
+               flags: int) -> None:
+        self._check_writable()
+        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
+            # RENAME_WHITEOUT would need a host character device (CAP_MKNOD).
+            raise OSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
+        src, dst = self._inode(parent_id), self._inode(newparent_id)
+        if flags:
+            syscalls.renameat2(src.fd, name, dst.fd, newname, flags)
+        else:
+            os.rename(name, newname, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+
+    def link(self, ctx: Ctx, nodeid: int, newparent_id: int, newname: bytes) -> Entry:
+        self._check_writable()
+        ino, parent = self._inode(nodeid), self._inode(newparent_id)
+        if stat.S_ISDIR(os.fstat(ino.fd).st_mode):
+            raise OSError(errno.EPERM, "hard link to a directory")
+        syscalls.link_fd(ino.fd, parent.fd, newname)
+        return self.lookup(ctx, newparent_id, newname)
+
+    def statfs(self, ctx: Ctx, nodeid: int) -> StatFs:
+        s = os.statvfs(self._inode(nodeid).fd)
+        return StatFs(blocks=s.f_blocks, bfree=s.f_bfree, bavail=s.f_bavail, files=s.f_files,
+                      ffree=s.f_ffree, bsize=s.f_bsize, namelen=s.f_namemax, frsize=s.f_frsize)
+
+    def access(self, ctx: Ctx, nodeid: int, mask: int) -> None:
+        """access(2) against the guest's view (guest kernels with
+        default_permissions do this themselves; this serves the others)."""
+        ino = self._inode(nodeid)
+        rec = self._effective(ino, os.fstat(ino.fd))
+        mask &= os.R_OK | os.W_OK | os.X_OK
+        if not mask:
+            return
+        if ctx.uid == 0:
+            if mask & os.X_OK and not stat.S_ISDIR(rec.mode) and not rec.mode & 0o111:
+                raise OSError(errno.EACCES, "no execute bit")
+            return
+        if ctx.uid == rec.uid:
+            bits = (rec.mode >> 6) & 7
+        elif ctx.gid == rec.gid:
+            bits = (rec.mode >> 3) & 7
+        else:
+            bits = rec.mode & 7
+        if mask & ~bits:
+            raise OSError(errno.EACCES, "permission denied")
+
+    # ------------------------------------------------------------------
+    # Operations: files
+    # ------------------------------------------------------------------
+    def _new_handle(self, fd: int, nodeid: int, is_dir: bool = False) -> int:
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = Handle(fd, nodeid, is_dir)
+        return fh
+
+    def _handle(self, fh: int, is_dir: bool = False) -> Handle:
+        h = self._handles.get(fh)
+        if h is None or h.is_dir != is_dir:
+            raise OSError(errno.EBADF, f"unknown file handle {fh}")
+        return h
+
+    @staticmethod
+    def _host_open_flags(flags: int) -> int:
+        return (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+
+    def open(self, ctx: Ctx, nodeid: int, flags: int) -> Opened:
+        ino = self._inode(nodeid)
+        st = os.fstat(ino.fd)
+        kind = stat.S_IFMT(self._effective(ino, st).mode)
+        if kind == stat.S_IFDIR:
+            raise OSError(errno.EISDIR, "open of a directory")
+        if kind == stat.S_IFLNK:
+            raise OSError(errno.ELOOP, "open of a symlink")
+        if kind != stat.S_IFREG:
+            # The guest kernel opens devices/FIFOs/sockets itself; a host
+            # special file is never opened on the guest's behalf.
+            raise OSError(errno.ENXIO, "open of a special file")
+        if self.readonly and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            raise OSError(errno.EROFS, "read-only share")
+        fd = os.open(proc_fd(ino.fd), self._host_open_flags(flags))
+        return Opened(self._new_handle(fd, nodeid))
+
+    def create(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, umask: int,
+               flags: int) -> tuple[Entry, Opened]:
+        self._check_writable()
+        parent = self._inode(parent_id)
+        rec = self._new_record(ctx, parent, stat.S_IFREG | (mode & 0o7777))
+        try:
+            fd = self._make_file(parent, name, rec)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Raced with another creator: open what is there, as open(2) would.
+            entry = self.lookup(ctx, parent_id, name)
+            try:
+                opened = self.open(ctx, entry.nodeid, flags)
+                if flags & os.O_TRUNC:
+                    os.ftruncate(self._handles[opened.fh].fd, 0)
+            except BaseException:
+                self.forget(entry.nodeid, 1)
+                raise
+            return self._entry(self._inode(entry.nodeid)), opened
+        try:
+            ino = self._adopt_new(fd, rec)
+            # Reopen with the guest's own flags (O_APPEND, access mode, ...).
+            hfd = os.open(proc_fd(fd), self._host_open_flags(flags))
+        finally:
+            os.close(fd)
+        return self._entry(ino), Opened(self._new_handle(hfd, ino.nodeid))
+
+    def read(self, ctx: Ctx, nodeid: int, fh: int, offset: int, views: list) -> int:
+        if not views:
+            return 0
+        return os.preadv(self._handle(fh).fd, views, offset)
+
+    def write(self, ctx: Ctx, nodeid: int, fh: int, offset: int, views: list,
+              kill_suidgid: bool = False) -> int:
+        self._check_writable()
+        h = self._handle(fh)
+        if kill_suidgid:
+            self._kill_priv(self._inode(h.nodeid))
+        if not views:
+            return 0
+        return os.pwritev(h.fd, views, offset)
+
+    def _kill_priv(self, ino: Inode) -> None:
+        with ino.lock:
+            st = os.fstat(ino.fd)
+            rec = self._load_record(ino, st)
+            if rec is not None and rec.mode & (stat.S_ISUID | stat.S_ISGID):
+                cleared = rec.without_suid_sgid()
+                if cleared != rec:
+                    self._store_record(ino, cleared, st)
+
+    def release(self, ctx: Ctx, nodeid: int, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+        if h is None:
+            raise OSError(errno.EBADF, f"unknown file handle {fh}")
+        os.close(h.fd)
+
+    def flush(self, ctx: Ctx, nodeid: int, fh: int) -> None:
+        # POSIX locks are kept by the guest kernel (POSIX_LOCKS is not
+        # negotiated), so there is nothing host-side to drop on close.
+        self._handle(fh)
+
+    def fsync(self, ctx: Ctx, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    # ------------------------------------------------------------------
+    # Operations: directories
+    # ------------------------------------------------------------------
+    def opendir(self, ctx: Ctx, nodeid: int, flags: int) -> Opened:
+        ino = self._inode(nodeid)
+        fd = os.open(proc_fd(ino.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return Opened(self._new_handle(fd, nodeid, is_dir=True))
+
+    def _snapshot(self, h: Handle) -> list[tuple[bytes, int, int]]:
+        """The directory's entries, taken once per rewind so offsets stay stable."""
+        st = os.fstat(h.fd)
+        entries = [(b".", st.st_ino, stat.S_IFDIR >> 12), (b"..", st.st_ino, stat.S_IFDIR >> 12)]
+        with os.scandir(h.fd) as it:
+            for de in it:
+                name = os.fsencode(de.name)
+                if de.is_dir(follow_symlinks=False):
+                    kind = stat.S_IFDIR
+                elif de.is_symlink():
+                    kind = stat.S_IFLNK
+                elif de.is_file(follow_symlinks=False):
+                    kind = self._listed_file_type(h.fd, name)
+                else:
+                    try:
+                        kind = stat.S_IFMT(os.stat(name, dir_fd=h.fd,
+                                                   follow_symlinks=False).st_mode)
+                    except OSError:
+                        continue
+                entries.append((name, de.inode(), kind >> 12))
+        return entries
+
+    def _listed_file_type(self, dir_fd: int, name: bytes) -> int:
+        """The guest's type of a host regular file: its record may say symlink,
+        device, FIFO or socket.  `name` comes from the host listing, not the guest."""
+        try:
+            data = os.getxattr(f"/proc/self/fd/{dir_fd}/".encode() + name, self.record_name,
+                               follow_symlinks=False)
+            rec = ownership.decode(data, self.key, name=self._record_name_b)
+        except (OSError, RecordError):
+            return stat.S_IFREG
+        kind = stat.S_IFMT(rec.mode)
+        return kind if kind != stat.S_IFDIR else stat.S_IFREG
+
+    def readdir(self, ctx: Ctx, nodeid: int, fh: int, offset: int):
+        h = self._handle(fh, is_dir=True)
+        with h.lock:
+            if h.entries is None or offset == 0:
+                h.entries = self._snapshot(h)
+            entries = h.entries
+        for i in range(offset, len(entries)):
+            name, ino, dtype = entries[i]
+            yield DirEntry(name, ino, dtype, i + 1)
+
+    def releasedir(self, ctx: Ctx, nodeid: int, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+        if h is None:
+            raise OSError(errno.EBADF, f"unknown directory handle {fh}")
+        os.close(h.fd)
+
+    def fsyncdir(self, ctx: Ctx, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh, is_dir=True).fd
+        (os.fdatasync if datasync else os.fsync)(fd)

@@ -1,0 +1,552 @@
+"""The FUSE session: INIT negotiation, request decoding, dispatch, replies.
+
+This is the only module that sees FUSE bytes.  A transport hands it one
+request as a `Reader` over the device-readable buffers and a `Writer` over the
+device-writable ones; it calls one method of the filesystem per opcode with
+typed arguments and encodes the typed reply.  Filesystem errors arrive as
+`OSError(errno)` and leave as `fuse_out_header.error = -errno`; anything else
+that escapes is a bug, logged with the opcode and unique id and answered EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from protocol import fuse
+from protocol.buffers import BufferError_, Reader, Writer
+
+from .fsapi import NOW, Attr, Ctx, Entry, SetAttr
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+PATH_MAX = 4096
+OUT_HEADER = fuse.fuse_out_header.size
+
+# Opcodes whose requests get no reply at all (fuse.h: FORGET, BATCH_FORGET;
+# an INTERRUPT is answered through the request it interrupts).
+NO_REPLY = {fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.INTERRUPT}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What the server tells the guest kernel about caching and features."""
+
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+    direct_io: bool = False  # cache=never: FOPEN_DIRECT_IO on every open
+    keep_cache: bool = False  # cache=always: FOPEN_KEEP_CACHE / FOPEN_CACHE_DIR
+    readdirplus: bool = True
+    writeback: bool = False
+    max_write: int = 1 << 20
+    max_pages: int = 256
+
+
+class ProtocolError(Exception):
+    """A request that does not parse; answered EINVAL."""
+
+
+def _split_seconds(t: float) -> tuple[int, int]:
+    sec = int(t)
+    return sec, int((t - sec) * 1e9)
+
+
+class FuseServer:
+    def __init__(self, fs, options: SessionOptions | None = None):
+        self.fs = fs
+        self.opts = options or SessionOptions()
+        self.initialized = False
+        self.proto_minor = 0
+        self.flags = 0  # negotiated InitFlag bits
+        self._lock = threading.Lock()
+        self._entry_valid = _split_seconds(self.opts.entry_timeout)
+        self._attr_valid = _split_seconds(self.opts.attr_timeout)
+        self._handlers: dict[int, Callable[[Ctx, int, Reader, Writer], bytes | int | None]] = {
+            fuse.Opcode.LOOKUP: self._lookup,
+            fuse.Opcode.FORGET: self._forget,
+            fuse.Opcode.BATCH_FORGET: self._batch_forget,
+            fuse.Opcode.GETATTR: self._getattr,
+            fuse.Opcode.SETATTR: self._setattr,
+            fuse.Opcode.READLINK: self._readlink,
+            fuse.Opcode.SYMLINK: self._symlink,
+            fuse.Opcode.MKNOD: self._mknod,
+            fuse.Opcode.MKDIR: self._mkdir,
+            fuse.Opcode.UNLINK: self._unlink,
+            fuse.Opcode.RMDIR: self._rmdir,
+            fuse.Opcode.RENAME: self._rename,
+            fuse.Opcode.RENAME2: self._rename2,
+            fuse.Opcode.LINK: self._link,
+            fuse.Opcode.OPEN: self._open,
+            fuse.Opcode.CREATE: self._create,
+            fuse.Opcode.READ: self._read,
+            fuse.Opcode.WRITE: self._write,
+            fuse.Opcode.STATFS: self._statfs,
+            fuse.Opcode.RELEASE: self._release,
+            fuse.Opcode.FLUSH: self._flush,
+            fuse.Opcode.FSYNC: self._fsync,
+            fuse.Opcode.OPENDIR: self._opendir,
+            fuse.Opcode.READDIR: self._readdir,
+            fuse.Opcode.READDIRPLUS: self._readdirplus,
+            fuse.Opcode.RELEASEDIR: self._releasedir,
+            fuse.Opcode.FSYNCDIR: self._fsyncdir,
+            fuse.Opcode.ACCESS: self._access,
+            fuse.Opcode.INTERRUPT: self._interrupt,
+            fuse.Opcode.DESTROY: self._destroy,
+        }
+
+    # ------------------------------------------------------------------
+    # Entry point
+    # ------------------------------------------------------------------
+    def handle(self, reader: Reader, writer: Writer) -> int:
+        """Serve one request; returns the number of bytes written to `writer`."""
+        if reader.remaining < fuse.fuse_in_header.size:
+            log.warning("request of %d bytes is shorter than fuse_in_header; dropped",
+                        reader.remaining)
+            return 0
+        total = reader.remaining
+        h = fuse.fuse_in_header.unpack(reader.read(fuse.fuse_in_header.size))
+        try:
+            op = fuse.Opcode(h.opcode)
+        except ValueError:
+            op = None
+        if op in NO_REPLY:
+            self._dispatch_no_reply(op, h, reader, total)
+            return 0
+        if writer.room < OUT_HEADER:
+            log.warning("%s unique=%d: no room for a reply (%d writable bytes); dropped",
+                        op.name if op else h.opcode, h.unique, writer.room)
+            return 0
+        header_views = writer.views(OUT_HEADER)
+        try:
+            body = self._dispatch(op, h, reader, writer, total)
+            error = 0
+        except OSError as e:
+            body, error = b"", e.errno or errno.EIO
+        except (ProtocolError, BufferError_, struct.error, UnicodeError) as e:
+            log.warning("%s unique=%d nodeid=%d: malformed request: %s",
+                        op.name if op else h.opcode, h.unique, h.nodeid, e)
+            body, error = b"", errno.EINVAL
+        except Exception:
+            log.exception("%s unique=%d nodeid=%d: internal error",
+                          op.name if op else h.opcode, h.unique, h.nodeid)
+            body, error = b"", errno.EIO
+        if error:
+            length = OUT_HEADER
+        elif isinstance(body, int):  # data already placed in the writer
+            length = OUT_HEADER + body
+        else:
+            if len(body) > writer.room:
+                log.warning("%s unique=%d: reply of %d bytes does not fit in %d; EIO",
+                            op.name, h.unique, len(body), writer.room)
+                body, error, length = b"", errno.EIO, OUT_HEADER
+            else:
+                writer.write(body)
+                length = OUT_HEADER + len(body)
+        hdr = fuse.fuse_out_header.pack(len=length, error=-error, unique=h.unique)
+        pos = 0
+        for v in header_views:
+            v[:] = hdr[pos:pos + len(v)]
+            pos += len(v)
+        return length
+
+    def _bound(self, h, reader: Reader, total: int) -> None:
+        """Trust neither the chain nor fuse_in_header.len alone (lying lengths)."""
+        if h.len > total or h.len < fuse.fuse_in_header.size:
+            raise ProtocolError(f"fuse_in_header.len {h.len} but request holds {total} bytes")
+        reader.limit(h.len - fuse.fuse_in_header.size)
+        # 7.38: extension headers sit after the arguments; none are negotiated
+        # by this server, so they are skipped rather than misread as args.
+        if h.total_extlen:
+            ext = h.total_extlen * 8
+            if ext > reader.remaining:
+                raise ProtocolError(f"total_extlen {ext} exceeds the request")
+            reader.limit(reader.remaining - ext)
+
+    def _dispatch(self, op, h, reader: Reader, writer: Writer, total: int):
+        self._bound(h, reader, total)
+        if op is fuse.Opcode.INIT:
+            return self._init(h, reader)
+        if not self.initialized:
+            # libfuse and virtiofsd answer EIO to anything before INIT.
+            raise OSError(errno.EIO, "request before INIT")
+        handler = self._handlers.get(op) if op is not None else None
+        if handler is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("opcode %s unique=%d: not implemented (ENOSYS)",
+                          op.name if op else h.opcode, h.unique)
+            raise OSError(errno.ENOSYS, "not implemented")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
+                      op.name, h.unique, h.nodeid, h.uid, h.gid, h.pid, h.len)
+        return handler(Ctx(h.uid, h.gid, h.pid), h.nodeid, reader, writer)
+
+    def _dispatch_no_reply(self, op, h, reader: Reader, total: int) -> None:
+        try:
+            self._bound(h, reader, total)
+            if not self.initialized:
+                return
+            self._handlers[op](Ctx(h.uid, h.gid, h.pid), h.nodeid, reader, None)
+        except (ProtocolError, BufferError_, struct.error) as e:
+            log.warning("%s unique=%d: malformed request: %s", op.name, h.unique, e)
+        except OSError as e:
+            log.debug("%s unique=%d: %s", op.name, h.unique, e)
+        except Exception:
+            log.exception("%s unique=%d: internal error", op.name, h.unique)
+
+    # ------------------------------------------------------------------
+    # Encoding helpers
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _attr_fields(a: Attr) -> dict:
+        asec, ans = divmod(a.atime_ns, 1_000_000_000)
+        msec, mns = divmod(a.mtime_ns, 1_000_000_000)
+        csec, cns = divmod(a.ctime_ns, 1_000_000_000)
+        # fuse_attr.rdev is the kernel's new_encode_dev() u32, which equals
+        # glibc's makedev() for major < 4096 and minor < 2^20.
+        rdev = (os.minor(a.rdev) & 0xFF) | (os.major(a.rdev) << 8) | (
+            (os.minor(a.rdev) & ~0xFF) << 12)
+        return dict(ino=a.ino, size=a.size, blocks=a.blocks,
+                    atime=asec, mtime=msec, ctime=csec,
+                    atimensec=ans, mtimensec=mns, ctimensec=cns,
+                    mode=a.mode, nlink=a.nlink, uid=a.uid, gid=a.gid,
+                    rdev=rdev & 0xFFFFFFFF, blksize=a.blksize, flags=0)
+
+    def _entry_fields(self, e: Entry | None) -> dict:
+        if e is None:  # readdirplus "." / ".." / vanished: nodeid 0 is ignored
+            return {}
+        return dict(nodeid=e.nodeid, generation=e.generation,
+                    entry_valid=self._entry_valid[0], entry_valid_nsec=self._entry_valid[1],
+                    attr_valid=self._attr_valid[0], attr_valid_nsec=self._attr_valid[1],
+                    attr=self._attr_fields(e.attr))
+
+    def _entry(self, e: Entry) -> bytes:
+        return fuse.fuse_entry_out.pack(self._entry_fields(e))
+
+    def _attr_out(self, a: Attr) -> bytes:
+        return fuse.fuse_attr_out.pack(attr_valid=self._attr_valid[0],
+                                       attr_valid_nsec=self._attr_valid[1],
+                                       attr=self._attr_fields(a))
+
+    def _open_flags(self, is_dir: bool) -> int:
+        flags = 0
+        if self.opts.direct_io and not is_dir:
+            flags |= fuse.OpenFlag.DIRECT_IO
+        if self.opts.keep_cache:
+            flags |= fuse.OpenFlag.CACHE_DIR if is_dir else fuse.OpenFlag.KEEP_CACHE
+        return int(flags)
+
+    # ------------------------------------------------------------------
+    # Session
+    # ------------------------------------------------------------------
+    def _init(self, h, reader: Reader) -> bytes:
+        n = reader.remaining
+        if n < fuse.COMPAT_INIT_IN_SIZE:
+            raise ProtocolError(f"fuse_init_in of {n} bytes")
+        raw = reader.read(min(n, fuse.fuse_init_in.size)).ljust(fuse.fuse_init_in.size, b"\0")
+        arg = fuse.fuse_init_in.unpack(raw)
+        if arg.major != fuse.KERNEL_VERSION:
+            log.error("INIT: guest speaks FUSE %d.%d; only major %d is supported",
+                      arg.major, arg.minor, fuse.KERNEL_VERSION)
+            raise OSError(errno.EPROTO, "unsupported FUSE major")
+        if arg.minor < fuse.MIN_MINOR_VERSION:
+            log.error("INIT: guest speaks FUSE 7.%d; vfsd needs at least 7.%d",
+                      arg.minor, fuse.MIN_MINOR_VERSION)
+            raise OSError(errno.EPROTO, "FUSE minor too old")
+        offered = arg.flags
+        if offered & fuse.InitFlag.INIT_EXT and n >= fuse.fuse_init_in.size:
+            offered |= arg.flags2 << 32
+        F = fuse.InitFlag
+        wanted = (F.ASYNC_READ | F.PARALLEL_DIROPS | F.MAX_PAGES | F.BIG_WRITES
+                  | F.AUTO_INVAL_DATA | F.INIT_EXT)
+        if self.opts.readdirplus:
+            wanted |= F.DO_READDIRPLUS | F.READDIRPLUS_AUTO
+        if self.opts.writeback:
+            wanted |= F.WRITEBACK_CACHE
+        flags = int(wanted) & offered
+        minor = min(arg.minor, fuse.KERNEL_MINOR_VERSION)
+        if self.initialized:
+            # A rebooted guest starts a new session on the same device
+            # without DESTROY: forget everything the old one held.
+            log.info("INIT on a live session: resetting it")
+            self.fs.destroy()
+        with self._lock:
+            self.flags = flags
+            self.proto_minor = minor
+            self.initialized = True
+        log.info("INIT: guest FUSE 7.%d, replying 7.%d; flags offered %#x, accepted %#x",
+                 arg.minor, minor, offered, flags)
+        return fuse.fuse_init_out.pack(
+            major=fuse.KERNEL_VERSION, minor=minor,
+            max_readahead=arg.max_readahead, flags=flags & 0xFFFFFFFF,
+            flags2=flags >> 32,
+            max_write=self.opts.max_write, time_gran=1,
+            max_pages=self.opts.max_pages if flags & F.MAX_PAGES else 0,
+        )
+
+    def reset(self) -> None:
+        """The device was reset or the frontend left: end the session."""
+        with self._lock:
+            was, self.initialized = self.initialized, False
+        if was:
+            self.fs.destroy()
+
+    def _destroy(self, ctx, nodeid, reader, writer) -> bytes:
+        with self._lock:
+            self.initialized = False
+        self.fs.destroy()
+        log.info("DESTROY: session ended by the guest")
+        return b""
+
+    def _interrupt(self, ctx, nodeid, reader, writer) -> None:
+        # Requests here run to completion (host syscalls cannot be cancelled),
+        # so an interrupt only means the guest stops waiting; nothing to do.
+        arg = fuse.fuse_interrupt_in.unpack(reader.read(fuse.fuse_interrupt_in.size))
+        log.debug("INTERRUPT of unique=%d (requests are not interruptible)", arg.unique)
+
+    # ------------------------------------------------------------------
+    # Nodes
+    # ------------------------------------------------------------------
+    def _lookup(self, ctx, nodeid, reader, writer) -> bytes:
+        return self._entry(self.fs.lookup(ctx, nodeid, _parse_names(reader, 1)[0]))
+
+    def _forget(self, ctx, nodeid, reader, writer) -> None:
+        arg = fuse.fuse_forget_in.unpack(reader.read(fuse.fuse_forget_in.size))
+        self.fs.forget(nodeid, arg.nlookup)
+
+    def _batch_forget(self, ctx, nodeid, reader, writer) -> None:
+        arg = fuse.fuse_batch_forget_in.unpack(reader.read(fuse.fuse_batch_forget_in.size))
+        one = fuse.fuse_forget_one
+        if arg.count * one.size > reader.remaining:
+            raise ProtocolError(f"BATCH_FORGET count {arg.count} exceeds the request")
+        data = reader.read(arg.count * one.size)
+        self.fs.batch_forget([one.unpack_from(data, i * one.size) for i in range(arg.count)])
+
+    def _getattr(self, ctx, nodeid, reader, writer) -> bytes:
+        fh = None
+        if reader.remaining >= fuse.fuse_getattr_in.size:
+            arg = fuse.fuse_getattr_in.unpack(reader.read(fuse.fuse_getattr_in.size))
+            if arg.getattr_flags & fuse.GETATTR_FH:
+                fh = arg.fh
+        return self._attr_out(self.fs.getattr(ctx, nodeid, fh))
+
+    def _setattr(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_setattr_in.unpack(reader.read(fuse.fuse_setattr_in.size))
+        V = fuse.SetattrValid
+        v = a.valid
+
+        def when(bit, now_bit, sec, nsec):
+            if not v & bit:
+                return None
+            return NOW if v & now_bit else sec * 1_000_000_000 + nsec
+
+        changes = SetAttr(
+            mode=a.mode & 0o7777 if v & V.MODE else None,
+            uid=a.uid if v & V.UID else None,
+            gid=a.gid if v & V.GID else None,
+            size=a.size if v & V.SIZE else None,
+            atime_ns=when(V.ATIME, V.ATIME_NOW, a.atime, a.atimensec),
+            mtime_ns=when(V.MTIME, V.MTIME_NOW, a.mtime, a.mtimensec),
+            fh=a.fh if v & V.FH else None,
+            kill_suidgid=bool(v & V.KILL_SUIDGID),
+        )
+        return self._attr_out(self.fs.setattr(ctx, nodeid, changes))
+
+    def _readlink(self, ctx, nodeid, reader, writer) -> bytes:
+        return self.fs.readlink(ctx, nodeid)
+
+    def _symlink(self, ctx, nodeid, reader, writer) -> bytes:
+        name, target = _parse_strings(reader, 2)
+        check_name(name)
+        if len(target) >= PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        if not target:
+            raise OSError(errno.ENOENT, "empty symlink target")
+        return self._entry(self.fs.symlink(ctx, nodeid, name, target))
+
+    def _mknod(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_mknod_in.unpack(reader.read(fuse.fuse_mknod_in.size))
+        name = _parse_names(reader, 1)[0]
+        # fuse_mknod_in.rdev is new_encode_dev(): major in bits 8-19, minor
+        # in bits 0-7 and 20-31.
+        rdev = os.makedev((a.rdev & 0xFFF00) >> 8, (a.rdev & 0xFF) | ((a.rdev >> 12) & 0xFFF00))
+        return self._entry(self.fs.mknod(ctx, nodeid, name, a.mode, rdev, a.umask))
+
+    def _mkdir(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_mkdir_in.unpack(reader.read(fuse.fuse_mkdir_in.size))
+        name = _parse_names(reader, 1)[0]
+        return self._entry(self.fs.mkdir(ctx, nodeid, name, a.mode, a.umask))
+
+    def _unlink(self, ctx, nodeid, reader, writer) -> bytes:
+        self.fs.unlink(ctx, nodeid, _parse_names(reader, 1)[0])
+        return b""
+
+    def _rmdir(self, ctx, nodeid, reader, writer) -> bytes:
+        self.fs.rmdir(ctx, nodeid, _parse_names(reader, 1)[0])
+        return b""
+
+    def _rename(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_rename_in.unpack(reader.read(fuse.fuse_rename_in.size))
+        old, new = _parse_names(reader, 2)
+        self.fs.rename(ctx, nodeid, old, a.newdir, new, 0)
+        return b""
+
+    def _rename2(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_rename2_in.unpack(reader.read(fuse.fuse_rename2_in.size))
+        old, new = _parse_names(reader, 2)
+        self.fs.rename(ctx, nodeid, old, a.newdir, new, a.flags)
+        return b""
+
+    def _link(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_link_in.unpack(reader.read(fuse.fuse_link_in.size))
+        name = _parse_names(reader, 1)[0]
+        return self._entry(self.fs.link(ctx, a.oldnodeid, nodeid, name))
+
+    def _statfs(self, ctx, nodeid, reader, writer) -> bytes:
+        s = self.fs.statfs(ctx, nodeid)
+        return fuse.fuse_statfs_out.pack(st=dict(
+            blocks=s.blocks, bfree=s.bfree, bavail=s.bavail, files=s.files, ffree=s.ffree,
+            bsize=s.bsize, namelen=s.namelen, frsize=s.frsize))
+
+    def _access(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_access_in.unpack(reader.read(fuse.fuse_access_in.size))
+        self.fs.access(ctx, nodeid, a.mask)
+        return b""
+
+    # ------------------------------------------------------------------
+    # Files
+    # ------------------------------------------------------------------
+    def _open(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_open_in.unpack(reader.read(fuse.fuse_open_in.size))
+        o = self.fs.open(ctx, nodeid, a.flags)
+        return fuse.fuse_open_out.pack(fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
+
+    def _create(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_create_in.unpack(reader.read(fuse.fuse_create_in.size))
+        name = _parse_names(reader, 1)[0]
+        entry, o = self.fs.create(ctx, nodeid, name, a.mode, a.umask, a.flags)
+        return self._entry(entry) + fuse.fuse_open_out.pack(
+            fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
+
+    def _read(self, ctx, nodeid, reader, writer) -> int:
+        a = fuse.fuse_read_in.unpack(reader.read(fuse.fuse_read_in.size))
+        size = min(a.size, writer.room)
+        views = writer.views(size) if size else []
+        return self.fs.read(ctx, nodeid, a.fh, a.offset, views)
+
+    def _write(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_write_in.unpack(reader.read(fuse.fuse_write_in.size))
+        if a.size > reader.remaining:
+            raise ProtocolError(f"WRITE of {a.size} bytes carries only {reader.remaining}")
+        views = reader.views(a.size) if a.size else []
+        n = self.fs.write(ctx, nodeid, a.fh, a.offset, views,
+                          kill_suidgid=bool(a.write_flags & fuse.WRITE_KILL_SUIDGID))
+        return fuse.fuse_write_out.pack(size=n)
+
+    def _release(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_release_in.unpack(reader.read(fuse.fuse_release_in.size))
+        self.fs.release(ctx, nodeid, a.fh)
+        return b""
+
+    def _flush(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_flush_in.unpack(reader.read(fuse.fuse_flush_in.size))
+        self.fs.flush(ctx, nodeid, a.fh)
+        return b""
+
+    def _fsync(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_fsync_in.unpack(reader.read(fuse.fuse_fsync_in.size))
+        self.fs.fsync(ctx, nodeid, a.fh, bool(a.fsync_flags & fuse.FSYNC_FDATASYNC))
+        return b""
+
+    # ------------------------------------------------------------------
+    # Directories
+    # ------------------------------------------------------------------
+    def _opendir(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_open_in.unpack(reader.read(fuse.fuse_open_in.size))
+        o = self.fs.opendir(ctx, nodeid, a.flags)
+        return fuse.fuse_open_out.pack(fh=o.fh, open_flags=o.open_flags | self._open_flags(True))
+
+    def _readdir(self, ctx, nodeid, reader, writer) -> bytes:
+        return self._readdir_common(ctx, nodeid, reader, writer, plus=False)
+
+    def _readdirplus(self, ctx, nodeid, reader, writer) -> bytes:
+        return self._readdir_common(ctx, nodeid, reader, writer, plus=True)
+
+    def _readdir_common(self, ctx, nodeid, reader, writer, plus: bool) -> bytes:
+        a = fuse.fuse_read_in.unpack(reader.read(fuse.fuse_read_in.size))
+        room = min(a.size, writer.room)
+        out = bytearray()
+        hdr = fuse.fuse_direntplus.size if plus else fuse.fuse_dirent.size
+        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset):
+            reclen = fuse.dirent_align(hdr + len(d.name))
+            if len(out) + reclen > room:
+                break  # the entry is not sent, so it is not looked up either
+            dirent = dict(ino=d.ino, off=d.off, namelen=len(d.name), type=d.type)
+            if plus:
+                entry = None
+                if d.name not in (b".", b".."):
+                    try:
+                        entry = self.fs.lookup(ctx, nodeid, d.name)
+                    except OSError:
+                        entry = None  # vanished since listed: plain entry
+                if entry is not None:
+                    dirent["type"] = stat.S_IFMT(entry.attr.mode) >> 12
+                out += fuse.fuse_direntplus.pack(entry_out=self._entry_fields(entry),
+                                                 dirent=dirent)
+            else:
+                out += fuse.fuse_dirent.pack(dirent)
+            out += d.name
+            out += b"\0" * (reclen - hdr - len(d.name))
+        return bytes(out)
+
+    def _releasedir(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_release_in.unpack(reader.read(fuse.fuse_release_in.size))
+        self.fs.releasedir(ctx, nodeid, a.fh)
+        return b""
+
+    def _fsyncdir(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_fsync_in.unpack(reader.read(fuse.fuse_fsync_in.size))
+        self.fs.fsyncdir(ctx, nodeid, a.fh, bool(a.fsync_flags & fuse.FSYNC_FDATASYNC))
+        return b""
+
+
+# ----------------------------------------------------------------------
+# Name parsing: the guest's names are untrusted bytes.
+# ----------------------------------------------------------------------
+def _parse_strings(reader: Reader, count: int) -> list[bytes]:
+    """`count` NUL-terminated strings that fill the rest of the request.
+
+    Names and targets are always the final arguments of a request, so the
+    remainder must be exactly `s1\0 s2\0`; anything else is a lying length.
+    """
+    data = reader.read(reader.remaining)
+    parts = data.split(b"\0")
+    if len(parts) < count + 1:
+        raise ProtocolError("string argument is not NUL-terminated")
+    if any(parts[count:]):
+        raise ProtocolError("trailing bytes after the string arguments")
+    return parts[:count]
+
+
+def _parse_names(reader: Reader, count: int) -> list[bytes]:
+    """`count` single-component names filling the rest of the request."""
+    names = _parse_strings(reader, count)
+    for name in names:
+        check_name(name)
+    return names
+
+
+def check_name(name: bytes) -> None:
+    """A guest name must be one path component: never '', '.', '..', or contain '/'."""
+    if not name or name in (b".", b".."):
+        raise OSError(errno.EINVAL, "invalid name")
+    if b"/" in name:
+        raise OSError(errno.EINVAL, "name contains '/'")
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")

@@ -1,0 +1,102 @@
+"""Linux syscalls that Python's `os` module does not expose the way vfsd needs.
+
+Each wrapper raises `OSError(errno)` like `os` does.  Only the passthrough
+filesystem calls these.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+AT_EMPTY_PATH = 0x1000
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+# utimensat(2): tv_nsec values that mean "now" and "leave alone".
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _path(p: str | bytes) -> bytes:
+    return os.fsencode(p)
+
+
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+def linkat(olddirfd: int, oldpath: str | bytes, newdirfd: int, newpath: str | bytes,
+           flags: int = 0) -> None:
+    """linkat(2).  `os.link` calls link(2) and cannot pass AT_SYMLINK_FOLLOW,
+    which is what links an O_TMPFILE (or O_PATH) fd through /proc/self/fd/N."""
+    _check(_libc.linkat(olddirfd, _path(oldpath), newdirfd, _path(newpath), flags))
+
+
+def link_fd(fd: int, newdirfd: int, newname: str | bytes) -> None:
+    """Give the inode behind `fd` a name (works for O_TMPFILE files unprivileged)."""
+    linkat(AT_FDCWD, f"/proc/self/fd/{fd}", newdirfd, newname, AT_SYMLINK_FOLLOW)
+
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+
+
+def renameat2(olddirfd: int, oldname: str | bytes, newdirfd: int, newname: str | bytes,
+              flags: int = 0) -> None:
+    _check(_libc.renameat2(olddirfd, _path(oldname), newdirfd, _path(newname), flags))
+
+
+class _timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_timespec), ctypes.c_int]
+
+
+def utimensat(dirfd: int, path: str | bytes, atime: int | None | str, mtime: int | None | str,
+              flags: int = 0) -> None:
+    """Set times in nanoseconds; None leaves a time alone, "now" sets it to now."""
+
+    def ts(v: int | None | str) -> _timespec:
+        if v is None:
+            return _timespec(0, UTIME_OMIT)
+        if v == "now":
+            return _timespec(0, UTIME_NOW)
+        return _timespec(*divmod(int(v), 1_000_000_000))
+
+    times = (_timespec * 2)(ts(atime), ts(mtime))
+    _check(_libc.utimensat(dirfd, _path(path), times, flags))
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_libc.fallocate(fd, mode, offset, length))
+
+
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def syncfs(fd: int) -> None:
+    _check(_libc.syncfs(fd))
+
+
+def proc_fd(fd: int) -> str:
+    """The magic link that reopens (or names, for *xattr calls) an O_PATH fd."""
+    return f"/proc/self/fd/{fd}"

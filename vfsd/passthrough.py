@@ -186,7 +186,10 @@ class PassthroughFs:
             try:
                 data = os.getxattr(proc_fd(ino.fd), self.record_name)
             except OSError as e:
-                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                # EACCES: a host file the daemon's user may not read (another
+                # host user's) cannot have a record of ours: default owner.
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP,
+                                   errno.EACCES, errno.EPERM):
                     raise
             else:
                 try:

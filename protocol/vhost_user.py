@@ -1,0 +1,1086 @@
+"""A vhost-user back-end: the control plane (one unix socket) and the vrings.
+
+Spec: QEMU docs/interop/vhost-user.rst ("the spec" below); virtqueue layout
+in `protocol.virtqueue`.  Checked against what QEMU 7.2's
+hw/virtio/vhost-user.c sends to a vhost-user-fs back-end:
+
+    GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
+    GET_MAX_MEM_SLOTS, SET_OWNER, SET_VRING_CALL/ERR, SET_FEATURES,
+    SET_MEM_TABLE or ADD_MEM_REG/REM_MEM_REG, then per ring SET_VRING_NUM,
+    SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_ENABLE 1;
+    to stop: SET_VRING_ENABLE 0, GET_VRING_BASE; RESET_DEVICE on reset.
+
+This module knows nothing about filesystems: a `VhostUserDevice` gets every
+descriptor chain through `handle_chain`.
+
+Threads: `serve_connection` runs the control plane in the caller's thread.
+Each started ring has one worker thread that waits on the kick eventfd,
+pops chains and hands them to the device; the device may complete them later
+from any thread with `Vring.complete`.  Used-ring updates and notifications
+are serialised per ring by the ring's lock.
+
+Byte order: the spec says "All numbers are in the machine native byte
+order"; `WireStruct` is little-endian, so this module refuses big-endian
+hosts (as does the virtqueue code).
+"""
+
+from __future__ import annotations
+
+import abc
+import array
+import enum
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .memory import GuestMemory, GuestMemoryError, MemoryRegion
+from .virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue, VirtqueueError
+from .wire import WireStruct
+
+log = logging.getLogger(__name__)
+
+if sys.byteorder != "little":  # pragma: no cover - see module docstring
+    raise ImportError("protocol.vhost_user supports little-endian hosts only")
+
+__all__ = [
+    "Request", "ProtocolFeature", "VhostUserDevice", "VhostUserBackend", "Vring",
+    "listen_unix", "accept_one", "DescriptorChain",
+    "VIRTIO_F_VERSION_1", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX",
+    "VHOST_USER_F_PROTOCOL_FEATURES",
+]
+
+# ---------------------------------------------------------------------------
+# Protocol vocabulary
+# ---------------------------------------------------------------------------
+
+
+class Request(enum.IntEnum):
+    """Front-end message types ("Front-end message types" in the spec)."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21   # formerly SET_SLAVE_REQ_FD
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
+
+
+class ProtocolFeature(enum.IntFlag):
+    """VHOST_USER_PROTOCOL_F_* as masks ("Protocol features" in the spec)."""
+
+    MQ = 1 << 0
+    LOG_SHMFD = 1 << 1
+    RARP = 1 << 2
+    REPLY_ACK = 1 << 3
+    NET_MTU = 1 << 4
+    BACKEND_REQ = 1 << 5
+    CROSS_ENDIAN = 1 << 6
+    CRYPTO_SESSION = 1 << 7
+    PAGEFAULT = 1 << 8
+    CONFIG = 1 << 9
+    BACKEND_SEND_FD = 1 << 10
+    HOST_NOTIFIER = 1 << 11
+    INFLIGHT_SHMFD = 1 << 12
+    RESET_DEVICE = 1 << 13
+    INBAND_NOTIFICATIONS = 1 << 14
+    CONFIGURE_MEM_SLOTS = 1 << 15
+    STATUS = 1 << 16
+    XEN_MMAP = 1 << 17
+    SHARED_OBJECT = 1 << 18
+    DEVICE_STATE = 1 << 19
+
+
+# Virtio / vhost feature bit numbers.
+VHOST_F_LOG_ALL = 26
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VHOST_USER_F_PROTOCOL_FEATURES = 30
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_IN_ORDER = 35
+VIRTIO_F_NOTIFICATION_DATA = 38
+VIRTIO_F_RING_RESET = 40
+
+#: What the ring layer implements (offered on top of the device's own bits).
+TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+                      | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+#: Bits a device must not offer through us: the ring layer does not do them.
+#: EVENT_IDX needs a store->load fence Python lacks; packed rings are not
+#: implemented; IN_ORDER forbids out-of-order completion (the thread pool does
+#: that); ACCESS_PLATFORM needs IOTLB messages; NOTIFICATION_DATA and
+#: RING_RESET change kick and reset semantics; LOG_ALL needs dirty logging.
+UNSUPPORTED_FEATURES = ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_RING_PACKED)
+                        | (1 << VIRTIO_F_IN_ORDER) | (1 << VIRTIO_F_ACCESS_PLATFORM)
+                        | (1 << VIRTIO_F_NOTIFICATION_DATA) | (1 << VIRTIO_F_RING_RESET)
+                        | (1 << VHOST_F_LOG_ALL))
+
+#: Exactly what is implemented below.
+SUPPORTED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                               | ProtocolFeature.CONFIGURE_MEM_SLOTS
+                               | ProtocolFeature.RESET_DEVICE)
+
+# Header flags ("Header" in the spec).
+VERSION = 0x1
+VERSION_MASK = 0x3
+FLAG_REPLY = 1 << 2
+FLAG_NEED_REPLY = 1 << 3
+
+# SET_VRING_KICK/CALL/ERR payload: "Bits (0-7) of the payload contain the vring
+# index. Bit 8 is the invalid FD flag."
+VRING_IDX_MASK = 0xFF
+VRING_NOFD_MASK = 1 << 8
+# SET_VRING_ADDR flags: VHOST_VRING_F_LOG.
+VHOST_VRING_F_LOG = 1 << 0
+
+#: Largest payload accepted; every message QEMU 7.2 sends to us is <= 264 bytes.
+MAX_PAYLOAD = 4096
+#: SET_MEM_TABLE carries at most VHOST_MEMORY_BASELINE_NREGIONS regions.
+MAX_MEM_TABLE_REGIONS = 8
+#: Reported by GET_MAX_MEM_SLOTS (as libvhost-user does; each slot is one mmap).
+DEFAULT_MAX_MEM_SLOTS = 32
+#: File descriptors one message may carry (room beyond 8 to detect excess).
+MAX_FDS = 16
+#: vring index is 8 bits in SET_VRING_KICK/CALL/ERR.
+MAX_QUEUES = 256
+
+# ---------------------------------------------------------------------------
+# Wire structs (each defined once; sizes checked in tests/unit/test_vhost_user.py)
+# ---------------------------------------------------------------------------
+
+HEADER = WireStruct("VhostUserHeader", [("request", "I"), ("flags", "I"), ("size", "I")])
+U64 = WireStruct("u64", [("value", "Q")])
+VRING_STATE = WireStruct("vhost_vring_state", [("index", "I"), ("num", "I")])
+VRING_ADDR = WireStruct("vhost_vring_addr", [
+    ("index", "I"), ("flags", "I"), ("desc_user_addr", "Q"), ("used_user_addr", "Q"),
+    ("avail_user_addr", "Q"), ("log_guest_addr", "Q")])
+MEMORY_REGION = WireStruct("VhostUserMemoryRegion", [
+    ("guest_phys_addr", "Q"), ("memory_size", "Q"), ("userspace_addr", "Q"),
+    ("mmap_offset", "Q")])
+MEMORY_HEADER = WireStruct("VhostUserMemory", [("nregions", "I"), ("padding", "I")])
+MEM_REG_MSG = WireStruct("VhostUserMemRegMsg", [("padding", "Q"), ("region", MEMORY_REGION)])
+
+#: Full SET_MEM_TABLE payload with all 8 regions (QEMU's VhostUserMemory).
+MEMORY_TABLE_MAX_SIZE = MEMORY_HEADER.size + MAX_MEM_TABLE_REGIONS * MEMORY_REGION.size
+
+_EVENTFD_ONE = struct.pack("=Q", 1)
+
+#: Requests whose reply is mandatory ("Communication" in the spec, plus those
+#: defined with a reply payload).  NEED_REPLY on them changes nothing.
+_REPLYING = frozenset({
+    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
+    Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS, Request.GET_CONFIG,
+    Request.GET_INFLIGHT_FD, Request.GET_STATUS, Request.IOTLB_MSG, Request.POSTCOPY_ADVISE,
+    Request.POSTCOPY_END, Request.CREATE_CRYPTO_SESSION, Request.GET_SHARED_OBJECT,
+    Request.SET_DEVICE_STATE_FD, Request.CHECK_DEVICE_STATE,
+})
+
+
+def _req_name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"request {request}"
+
+
+# ---------------------------------------------------------------------------
+# Device interface
+# ---------------------------------------------------------------------------
+
+
+class VhostUserDevice(abc.ABC):
+    """What a vhost-user device implements on top of this library."""
+
+    #: Reported by GET_QUEUE_NUM; queue indexes >= this are rejected.
+    num_queues: int
+    #: Extra virtio feature bits (device-specific) offered by GET_FEATURES.
+    device_features: int = 0
+
+    @abc.abstractmethod
+    def handle_chain(self, vring: "Vring", chain: DescriptorChain) -> int | None:
+        """Handle one request.
+
+        Return the number of bytes written into `chain.writable` (the library
+        puts it on the used ring and notifies), or None to complete it later,
+        from any thread, with `vring.complete(chain, written)`.  Called from
+        the ring's worker thread.
+        """
+
+    def reset(self) -> None:
+        """Device reset (RESET_DEVICE, RESET_OWNER, disconnect); rings are stopped."""
+
+
+class _Fail(Exception):
+    """A request could not be carried out (answered with a non-zero REPLY_ACK)."""
+
+
+class _Fatal(Exception):
+    """The connection cannot continue (framing lost, or a mandatory reply impossible)."""
+
+
+@dataclass
+class _Message:
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return _req_name(self.request)
+
+    def take_fd(self) -> int | None:
+        return self.fds.pop(0) if self.fds else None
+
+    def close_fds(self) -> None:
+        while self.fds:
+            _close(self.fds.pop())
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Vrings
+# ---------------------------------------------------------------------------
+
+
+class Vring:
+    """One virtqueue's vhost-user state, and its worker thread while started.
+
+    States (spec, "Ring states"): stopped until a kick fd arrives
+    (SET_VRING_KICK), stopped again by GET_VRING_BASE; independently enabled or
+    disabled.  A started but disabled ring is left alone: its buffers stay in
+    the available ring until it is enabled (processing "without side effects"
+    is impossible for a filesystem, so nothing is processed).
+    """
+
+    def __init__(self, backend: "VhostUserBackend", index: int):
+        self.index = index
+        self._backend = backend
+        # Configuration from the front-end.
+        self.size = 0
+        self.desc_uva = self.avail_uva = self.used_uva = None
+        self.base = 0                 # last_avail_idx to start from / at stop
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.kick_received = False    # SET_VRING_KICK seen since the last stop
+        self.enabled = False
+        self.broken: str | None = None
+        # Runtime.
+        self._vq: Virtqueue | None = None
+        self._lock = threading.Lock()              # used ring, call/err fds, in-flight
+        self._idle = threading.Condition(self._lock)
+        self._inflight: dict[int, DescriptorChain] = {}
+        self._worker: threading.Thread | None = None
+        self._ctl_fd: int | None = None            # private eventfd: wake / stop
+        self._stopping = False
+        self._batching = False
+        self._notify_pending = False
+
+    def __repr__(self) -> str:
+        return (f"<Vring {self.index} size={self.size} started={self.started} "
+                f"enabled={self.enabled} broken={self.broken!r}>")
+
+    @property
+    def started(self) -> bool:
+        return self._worker is not None
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    # -- completion (any thread) ------------------------------------------------
+    def complete(self, chain: DescriptorChain, written: int) -> None:
+        """Put `chain` on the used ring with `written` bytes and notify the driver."""
+        with self._lock:
+            if self._inflight.pop(id(chain), None) is not chain:
+                log.warning("queue %d: completion of descriptor chain %d that is not in "
+                            "flight (completed twice, or after a reset); ignored",
+                            self.index, chain.head)
+                return
+            try:
+                vq = self._vq
+                if vq is None or self.broken:
+                    return
+                if not isinstance(written, int) or written < 0:
+                    log.error("queue %d: device reported %r bytes written for chain %d; "
+                              "using 0", self.index, written, chain.head)
+                    written = 0
+                elif written > chain.writable_len:
+                    log.error("queue %d: device reported %d bytes written for chain %d, "
+                              "which has only %d writable bytes; clamping", self.index,
+                              written, chain.head, chain.writable_len)
+                    written = chain.writable_len
+                try:
+                    vq.push(chain.head, written)
+                except VirtqueueError as e:
+                    self._mark_broken_locked(str(e))
+                    return
+                if vq.needs_notify():
+                    if self._batching:
+                        self._notify_pending = True   # once, at the end of the batch
+                    else:
+                        self._signal_locked(self.call_fd, "call")
+            finally:
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    # -- internals (lock held) -----------------------------------------------------
+    def _signal_locked(self, fd: int | None, what: str) -> None:
+        if fd is None:
+            return
+        try:
+            os.write(fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            pass  # counter saturated: the other side has a notification pending anyway
+        except OSError as e:
+            log.warning("queue %d: cannot signal the %s eventfd: %s", self.index, what, e)
+
+    def _mark_broken_locked(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            log.error("queue %d: broken: %s", self.index, reason)
+            self._signal_locked(self.err_fd, "error")
+
+    def _mark_broken(self, reason: str) -> None:
+        with self._lock:
+            self._mark_broken_locked(reason)
+
+    def _set_fd(self, attr: str, fd: int | None) -> None:
+        with self._lock:
+            old = getattr(self, attr)
+            setattr(self, attr, fd)
+        _close(old)
+
+    # -- worker ------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._ctl_fd is not None:
+            try:
+                os.write(self._ctl_fd, _EVENTFD_ONE)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._ctl_fd, select.POLLIN)
+        kick = self.kick_fd
+        if kick is not None:
+            poller.register(kick, select.POLLIN)
+        # Without a kick fd (NOFD flag), the spec says to poll the ring.
+        timeout = None if kick is not None else 10
+        try:
+            self._drain()  # buffers may have been queued before we started
+            while not self._stopping:
+                for fd, ev in poller.poll(timeout):
+                    if ev & select.POLLIN:
+                        try:
+                            os.read(fd, 8)
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    elif ev & (select.POLLERR | select.POLLNVAL | select.POLLHUP):
+                        if fd == kick:
+                            log.error("queue %d: kick fd failed (poll events 0x%x); "
+                                      "stopping the ring", self.index, ev)
+                            return
+                if not self._stopping:
+                    self._drain()
+        except Exception:  # never let a worker die silently
+            log.exception("queue %d: worker failed", self.index)
+            self._mark_broken("internal error in the ring worker")
+
+    def _drain(self) -> None:
+        """Pop and dispatch every available chain; notify once afterwards."""
+        vq = self._vq
+        if vq is None or not self.enabled or self.broken:
+            return
+        device = self._backend.device
+        with self._lock:
+            self._batching = True
+        try:
+            while self.enabled and not self._stopping and not self.broken:
+                try:
+                    chain = vq.pop()
+                except VirtqueueError as e:
+                    self._mark_broken(str(e))
+                    return
+                if chain is None:
+                    return
+                with self._lock:
+                    self._inflight[id(chain)] = chain
+                try:
+                    written = device.handle_chain(self, chain)
+                except Exception:
+                    # A device bug: answer the request empty and keep serving.
+                    log.exception("queue %d: device failed on descriptor chain %d",
+                                  self.index, chain.head)
+                    written = 0
+                if written is not None:
+                    self.complete(chain, written)
+        finally:
+            with self._lock:
+                self._batching = False
+                if self._notify_pending:
+                    self._notify_pending = False
+                    self._signal_locked(self.call_fd, "call")
+
+    # -- life cycle (control thread) ----------------------------------------------
+    def _try_start(self, mem: GuestMemory | None) -> None:
+        """Start the worker if the ring has been kicked and is fully configured."""
+        if self.started or not self.kick_received or self.broken:
+            return
+        missing = [what for what, ok in (("memory table", mem is not None and len(mem)),
+                                         ("queue size", self.size),
+                                         ("ring addresses", self.desc_uva is not None))
+                   if not ok]
+        if missing:
+            log.warning("queue %d: kicked but not configured (no %s); not started yet",
+                        self.index, ", ".join(missing))
+            return
+        try:
+            vq = Virtqueue(mem, self.size,
+                           mem.uva_to_gpa(self.desc_uva, 16 * self.size),
+                           mem.uva_to_gpa(self.avail_uva, 4 + 2 * self.size),
+                           mem.uva_to_gpa(self.used_uva, 4 + 8 * self.size),
+                           self.base)
+        except (VirtqueueError, GuestMemoryError) as e:
+            # Not "broken": the next memory table may well make it valid.
+            log.error("queue %d: cannot start: %s", self.index, e)
+            return
+        self._vq = vq
+        self._stopping = False
+        self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._worker = threading.Thread(target=self._run, name=f"vhost-user-vq{self.index}",
+                                        daemon=True)
+        log.debug("queue %d: started (size %d, avail idx %d, used idx %d, %s)", self.index,
+                  self.size, vq.last_avail_idx, vq.used_idx,
+                  "enabled" if self.enabled else "disabled")
+        self._worker.start()
+
+    def _stop(self, timeout: float) -> None:
+        """Stop the worker, wait for in-flight chains, remember last_avail_idx."""
+        worker = self._worker
+        if worker is None:
+            return
+        self._stopping = True
+        self._wake()
+        worker.join()
+        self._worker = None
+        _close(self._ctl_fd)
+        self._ctl_fd = None
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("queue %d: %d request(s) still in flight after %.1fs; "
+                              "abandoning them", self.index, len(self._inflight), timeout)
+                    self._inflight.clear()
+                    break
+                self._idle.wait(min(left, 5.0))
+                if self._inflight and left > 5.0:
+                    log.warning("queue %d: waiting for %d request(s) in flight", self.index,
+                                len(self._inflight))
+            vq, self._vq = self._vq, None
+        if vq is not None:
+            self.base = vq.last_avail_idx
+        log.debug("queue %d: stopped at avail idx %d", self.index, self.base)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled:
+            self._wake()  # process whatever was queued while disabled
+
+    def _reset(self, timeout: float) -> None:
+        self._stop(timeout)
+        for attr in ("kick_fd", "call_fd", "err_fd"):
+            self._set_fd(attr, None)
+        self.size = 0
+        self.desc_uva = self.avail_uva = self.used_uva = None
+        self.base = 0
+        self.kick_received = False
+        self.enabled = False
+        self.broken = None
+
+
+# ---------------------------------------------------------------------------
+# The back-end
+# ---------------------------------------------------------------------------
+
+
+class VhostUserBackend:
+    """Serves one vhost-user front-end connection for a `VhostUserDevice`."""
+
+    def __init__(self, device: VhostUserDevice, *, max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+                 drain_timeout: float = 30.0):
+        n = getattr(device, "num_queues", None)
+        if not isinstance(n, int) or not 1 <= n <= MAX_QUEUES:
+            raise ValueError(f"device.num_queues must be an int in 1..{MAX_QUEUES}, not {n!r}")
+        self.device = device
+        self.max_mem_slots = max_mem_slots
+        self.drain_timeout = drain_timeout
+        extra = getattr(device, "device_features", 0) or 0
+        if extra & UNSUPPORTED_FEATURES:
+            log.warning("device offers feature bits 0x%x that the ring layer does not "
+                        "implement; not offering them", extra & UNSUPPORTED_FEATURES)
+        self.offered_features = (TRANSPORT_FEATURES | extra) & ~UNSUPPORTED_FEATURES
+        self.offered_protocol_features = int(SUPPORTED_PROTOCOL_FEATURES)
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self.memory: GuestMemory = GuestMemory.empty()
+        self.vrings = [Vring(self, i) for i in range(n)]
+        self._sock: socket.socket | None = None
+        self._handlers: dict[int, Callable[[_Message], bytes | None]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            Request.RESET_DEVICE: self._reset_device,
+        }
+
+    # -- connection loop -----------------------------------------------------------
+    def serve_connection(self, sock: socket.socket) -> None:
+        """Serve the front-end on connected `sock` until it hangs up; closes `sock`.
+
+        Malformed framing (bad version, oversize or truncated message) is
+        logged and ends the connection; every other error is answered (REPLY_ACK)
+        and serving goes on.  On return all rings are stopped, fds closed,
+        guest memory dropped and `device.reset()` called.
+        """
+        self._sock = sock
+        try:
+            while True:
+                msg = self._recv_message()
+                if msg is None:
+                    break
+                try:
+                    if not self._dispatch(msg):
+                        break
+                finally:
+                    msg.close_fds()
+        finally:
+            self._teardown()
+            self._sock = None
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    serve = serve_connection
+
+    def _recv_exact(self, n: int, fds: list[int]) -> bytes | None:
+        """n bytes (collecting SCM_RIGHTS fds), or None at EOF before any byte."""
+        buf = bytearray()
+        space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+        while len(buf) < n:
+            try:
+                data, anc, flags, _ = self._sock.recvmsg(n - len(buf), space,
+                                                         socket.MSG_CMSG_CLOEXEC)
+            except InterruptedError:
+                continue
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
+                    fds.extend(a)
+            if flags & socket.MSG_CTRUNC:
+                raise _Fatal(f"more than {MAX_FDS} file descriptors on one message")
+            if not data:
+                if buf:
+                    raise _Fatal(f"connection closed in the middle of a message "
+                                 f"({len(buf)} of {n} bytes)")
+                return None
+            buf += data
+        return bytes(buf)
+
+    def _recv_message(self) -> _Message | None:
+        fds: list[int] = []
+        try:
+            hdr = self._recv_exact(HEADER.size, fds)
+            if hdr is None:
+                log.info("front-end hung up")
+                return None
+            request, flags, size = HEADER.unpack(hdr)
+            if size > MAX_PAYLOAD:
+                raise _Fatal(f"{_req_name(request)}: payload of {size} bytes exceeds "
+                             f"{MAX_PAYLOAD}")
+            payload = b""
+            if size:
+                payload = self._recv_exact(size, fds)
+                if payload is None:
+                    raise _Fatal(f"{_req_name(request)}: connection closed before the "
+                                 f"{size}-byte payload")
+        except (ConnectionResetError, BrokenPipeError):
+            log.info("front-end reset the connection")
+        except _Fatal as e:
+            log.error("vhost-user protocol error: %s; closing the connection", e)
+        except OSError as e:
+            log.error("vhost-user socket error: %s; closing the connection", e)
+        else:
+            return _Message(request, flags, payload, fds)
+        for fd in fds:
+            _close(fd)
+        return None
+
+    def _dispatch(self, msg: _Message) -> bool:
+        """Handle one message; False ends the connection."""
+        log.debug("received %s flags=0x%x size=%d fds=%d", msg.name, msg.flags,
+                  len(msg.payload), len(msg.fds))
+        # "Lower 2 bits are the version (currently 0x01)"; the reply bit is for
+        # back-end -> front-end only.  The framing (size) is still intact, so
+        # such a message is dropped, unanswered, and the connection goes on.
+        if msg.flags & VERSION_MASK != VERSION:
+            log.error("%s: unsupported protocol version %d (flags 0x%x); message dropped",
+                      msg.name, msg.flags & VERSION_MASK, msg.flags)
+            return True
+        if msg.flags & FLAG_REPLY:
+            log.error("%s: the front-end sent a message flagged as a reply (flags 0x%x); "
+                      "message dropped", msg.name, msg.flags)
+            return True
+        need_reply = bool(msg.flags & FLAG_NEED_REPLY)
+        has_reply = msg.request in _REPLYING
+        handler = self._handlers.get(msg.request)
+        reply: bytes | None = None
+        ok = True
+        try:
+            if handler is None:
+                log.warning("unsupported request %s (flags 0x%x, %d-byte payload, %d fds); "
+                            "%s", msg.name, msg.flags, len(msg.payload), len(msg.fds),
+                            "answering failure" if need_reply or has_reply else "ignored")
+                ok = False
+            else:
+                reply = handler(msg)
+        except _Fatal as e:
+            log.error("%s: %s; closing the connection", msg.name, e)
+            return False
+        except _Fail as e:
+            log.error("%s failed: %s", msg.name, e)
+            ok = False
+        except Exception:
+            log.exception("%s: internal error", msg.name)
+            ok = False
+        if msg.fds:
+            if ok:
+                log.warning("%s: closing %d unexpected file descriptor(s)", msg.name,
+                            len(msg.fds))
+            msg.close_fds()
+        if reply is not None:
+            return self._send_reply(msg.request, reply)
+        if has_reply or need_reply:
+            # REPLY_ACK: "The payload should be set to zero on success or non-zero
+            # on failure".  A request that must have a reply but could not make
+            # one gets the same u64, so the front-end fails instead of hanging.
+            # (Answered whether or not REPLY_ACK was negotiated: a front-end that
+            # asks is waiting.)
+            return self._send_reply(msg.request, U64.pack(value=0 if ok else 1))
+        return True
+
+    def _send_reply(self, request: int, payload: bytes) -> bool:
+        data = HEADER.pack(request=request, flags=VERSION | FLAG_REPLY, size=len(payload)) + payload
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            log.info("cannot reply to %s (%s); front-end gone", _req_name(request), e)
+            return False
+        return True
+
+    def _teardown(self) -> None:
+        for v in self.vrings:
+            v._reset(self.drain_timeout)
+        self.memory = GuestMemory.empty()
+        self.acked_features = self.acked_protocol_features = 0
+        self.owner = False
+        self._device_reset()
+
+    def _device_reset(self) -> None:
+        try:
+            self.device.reset()
+        except Exception:
+            log.exception("device reset failed")
+
+    # -- payload helpers -------------------------------------------------------------
+    @staticmethod
+    def _payload(msg: _Message, ws: WireStruct):
+        if len(msg.payload) != ws.size:
+            raise _Fail(f"payload is {len(msg.payload)} bytes, expected {ws.size}")
+        return ws.unpack(msg.payload)
+
+    @staticmethod
+    def _no_payload(msg: _Message) -> None:
+        if msg.payload:
+            log.warning("%s: ignoring an unexpected %d-byte payload", msg.name,
+                        len(msg.payload))
+
+    def _u64(self, msg: _Message) -> int:
+        return self._payload(msg, U64).value
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise _Fail(f"vring index {index} out of range (device has {len(self.vrings)} "
+                        f"queues)")
+        return self.vrings[index]
+
+    def _reply_u64(self, value: int) -> bytes:
+        return U64.pack(value=value)
+
+    # -- features ----------------------------------------------------------------------
+    def _get_features(self, msg: _Message) -> bytes:
+        self._no_payload(msg)
+        return self._reply_u64(self.offered_features)
+
+    def _set_features(self, msg: _Message) -> None:
+        features = self._u64(msg)
+        extra = features & ~self.offered_features
+        if extra:
+            raise _Fail(f"front-end acked features 0x{extra:x} that were not offered")
+        self.acked_features = features
+        log.debug("virtio features acked: 0x%x", features)
+        if not features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            # "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES has not been
+            # negotiated, the ring starts directly in the enabled state."  (And
+            # SET_FEATURES never disables a ring: it is also sent at runtime.)
+            for v in self.vrings:
+                v._set_enabled(True)
+
+    def _get_protocol_features(self, msg: _Message) -> bytes:
+        self._no_payload(msg)
+        return self._reply_u64(self.offered_protocol_features)
+
+    def _set_protocol_features(self, msg: _Message) -> None:
+        features = self._u64(msg)
+        extra = features & ~self.offered_protocol_features
+        if extra:
+            raise _Fail(f"front-end acked protocol features 0x{extra:x} that were not offered")
+        self.acked_protocol_features = features
+        log.debug("protocol features acked: %r", ProtocolFeature(features))
+
+    def _get_queue_num(self, msg: _Message) -> bytes:
+        self._no_payload(msg)
+        return self._reply_u64(len(self.vrings))
+
+    def _get_max_mem_slots(self, msg: _Message) -> bytes:
+        self._no_payload(msg)
+        return self._reply_u64(self.max_mem_slots)
+
+    def _set_owner(self, msg: _Message) -> None:
+        self._no_payload(msg)
+        # "Issued when a new connection is established ... a session start flag."
+        self.owner = True
+
+    def _reset_owner(self, msg: _Message) -> None:
+        # Deprecated; the spec recommends "either ignore this message, or use it
+        # to disable all rings".  We stop and reset the rings and the device.
+        self._no_payload(msg)
+        self._reset_rings()
+
+    def _reset_device(self, msg: _Message) -> None:
+        # "disable all rings and reset all internal device state to the initial
+        # state, ready to be reinitialized. The back-end retains ownership".
+        self._no_payload(msg)
+        self._reset_rings()
+
+    def _reset_rings(self) -> None:
+        # The memory table and the negotiated protocol features are kept: they
+        # are connection state that QEMU does not send again (with
+        # CONFIGURE_MEM_SLOTS it only sends regions that changed since the last
+        # table, and protocol features only at connection set-up).
+        for v in self.vrings:
+            v._reset(self.drain_timeout)
+        self.acked_features = 0
+        self._device_reset()
+
+    def _set_backend_req_fd(self, msg: _Message) -> None:
+        # BACKEND_REQ is not offered, so no back-end channel is used: accept and
+        # close the socket (the front-end may send it anyway).
+        self._no_payload(msg)
+        fd = msg.take_fd()
+        if fd is None:
+            raise _Fail("no file descriptor")
+        _close(fd)
+
+    # -- memory ------------------------------------------------------------------------
+    def _swap_memory(self, new: GuestMemory) -> None:
+        """Install `new`: pause running rings (waiting for in-flight chains, whose
+        views point into the old mappings), swap, re-translate, resume."""
+        running = [v for v in self.vrings if v.started]
+        for v in running:
+            v._stop(self.drain_timeout)
+        self.memory = new
+        log.info("guest memory: %d region(s)%s", len(new),
+                 "".join(f"\n  {r.describe()}" for r in new.regions))
+        for v in self.vrings:
+            v._try_start(new)
+
+    def _set_mem_table(self, msg: _Message) -> None:
+        p = msg.payload
+        if len(p) < MEMORY_HEADER.size:
+            raise _Fail(f"payload is {len(p)} bytes, too short for a memory table")
+        n = MEMORY_HEADER.unpack_from(p).nregions
+        if not 1 <= n <= MAX_MEM_TABLE_REGIONS:
+            raise _Fail(f"{n} memory regions (1..{MAX_MEM_TABLE_REGIONS} allowed)")
+        if len(p) != MEMORY_HEADER.size + n * MEMORY_REGION.size:
+            raise _Fail(f"payload is {len(p)} bytes, expected "
+                        f"{MEMORY_HEADER.size + n * MEMORY_REGION.size} for {n} regions")
+        if len(msg.fds) != n:
+            raise _Fail(f"{len(msg.fds)} file descriptors for {n} regions")
+        regions = [MemoryRegion(*MEMORY_REGION.unpack_from(p, MEMORY_HEADER.size
+                                                           + i * MEMORY_REGION.size))
+                   for i in range(n)]
+        fds, msg.fds = msg.fds, []
+        try:
+            new = GuestMemory.map_regions(list(zip(regions, fds)))
+        except GuestMemoryError as e:
+            raise _Fail(str(e)) from None
+        self._swap_memory(new)
+
+    def _mem_reg(self, msg: _Message) -> MemoryRegion:
+        return MemoryRegion(*self._payload(msg, MEM_REG_MSG).region)
+
+    def _add_mem_reg(self, msg: _Message) -> None:
+        region = self._mem_reg(msg)
+        if len(msg.fds) != 1:
+            raise _Fail(f"{len(msg.fds)} file descriptors (exactly one expected)")
+        if len(self.memory) >= self.max_mem_slots:
+            raise _Fail(f"all {self.max_mem_slots} memory slots are in use")
+        fd = msg.take_fd()
+        try:
+            new = self.memory.with_region(region, fd)
+        except GuestMemoryError as e:
+            raise _Fail(str(e)) from None
+        self._swap_memory(new)
+
+    def _rem_mem_reg(self, msg: _Message) -> None:
+        region = self._mem_reg(msg)
+        # "If a file descriptor is passed, the back-end MUST close it without
+        # using it otherwise."
+        msg.close_fds()
+        try:
+            new = self.memory.without_region(region)
+        except GuestMemoryError as e:
+            raise _Fail(str(e)) from None
+        self._swap_memory(new)
+
+    # -- vrings ------------------------------------------------------------------------
+    def _set_vring_num(self, msg: _Message) -> None:
+        st = self._payload(msg, VRING_STATE)
+        v = self._vring(st.index)
+        if v.started:
+            raise _Fail(f"queue {v.index} is running; stop it first")
+        n = st.num
+        if n == 0 or n > MAX_QUEUE_SIZE or n & (n - 1):
+            raise _Fail(f"queue {v.index}: invalid size {n} (a power of two up to "
+                        f"{MAX_QUEUE_SIZE})")
+        v.size = n
+
+    def _set_vring_addr(self, msg: _Message) -> None:
+        a = self._payload(msg, VRING_ADDR)
+        v = self._vring(a.index)
+        if a.flags & VHOST_VRING_F_LOG:
+            raise _Fail(f"queue {v.index}: used-ring logging requested, but dirty logging is "
+                        f"not supported")
+        # The addresses are front-end virtual addresses (no IOMMU), translated
+        # through the memory table when the ring starts ("Memory access").
+        # QEMU sends the table first, so check them now when we can.
+        if len(self.memory):
+            n = v.size or 1
+            for what, uva, length in (("descriptor table", a.desc_user_addr, 16 * n),
+                                      ("available ring", a.avail_user_addr, 4 + 2 * n),
+                                      ("used ring", a.used_user_addr, 4 + 8 * n)):
+                try:
+                    self.memory.uva_to_gpa(uva, length)
+                except GuestMemoryError:
+                    raise _Fail(f"queue {v.index}: {what} address 0x{uva:x} (+{length}) is "
+                                f"not in guest memory") from None
+        running = v.started
+        if running:  # e.g. re-sent at runtime: pause, update, resume
+            v._stop(self.drain_timeout)
+        v.desc_uva, v.used_uva, v.avail_uva = (a.desc_user_addr, a.used_user_addr,
+                                               a.avail_user_addr)
+        v._try_start(self.memory)
+
+    def _set_vring_base(self, msg: _Message) -> None:
+        st = self._payload(msg, VRING_STATE)
+        v = self._vring(st.index)
+        if v.started:
+            raise _Fail(f"queue {v.index} is running; stop it first")
+        if st.num > 0xFFFF:
+            raise _Fail(f"queue {v.index}: base {st.num} does not fit a 16-bit ring index")
+        v.base = st.num
+
+    def _get_vring_base(self, msg: _Message) -> bytes:
+        # On a bad index or size the generic failure reply (u64 1) goes out:
+        # same size as a vring state, and the error is in the log.
+        st = self._payload(msg, VRING_STATE)
+        v = self._vring(st.index)
+        # "stop ring upon receiving VHOST_USER_GET_VRING_BASE"
+        v._stop(self.drain_timeout)
+        v.kick_received = False
+        if v.broken:
+            log.info("queue %d: stopped; clearing its broken state", v.index)
+            v.broken = None
+        return VRING_STATE.pack(index=v.index, num=v.base)
+
+    def _vring_file(self, msg: _Message) -> tuple[Vring, int | None]:
+        value = self._u64(msg)
+        if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            raise _Fail(f"reserved bits set in 0x{value:x}")
+        v = self._vring(value & VRING_IDX_MASK)
+        nofd = bool(value & VRING_NOFD_MASK)
+        if nofd:
+            if msg.fds:
+                raise _Fail(f"queue {v.index}: invalid-FD flag set but a file descriptor "
+                            f"was passed")
+            return v, None
+        if len(msg.fds) != 1:
+            raise _Fail(f"queue {v.index}: {len(msg.fds)} file descriptors (one expected)")
+        return v, msg.take_fd()
+
+    def _set_vring_kick(self, msg: _Message) -> None:
+        v, fd = self._vring_file(msg)
+        if v.started:
+            v._stop(self.drain_timeout)
+        if fd is None:
+            log.warning("queue %d: no kick fd; polling the ring", v.index)
+        v._set_fd("kick_fd", fd)
+        # "The back-end must start ring upon receiving a kick"
+        v.kick_received = True
+        v._try_start(self.memory)
+
+    def _set_vring_call(self, msg: _Message) -> None:
+        v, fd = self._vring_file(msg)
+        v._set_fd("call_fd", fd)   # may change while the ring runs (irqfd masking)
+
+    def _set_vring_err(self, msg: _Message) -> None:
+        v, fd = self._vring_file(msg)
+        v._set_fd("err_fd", fd)
+
+    def _set_vring_enable(self, msg: _Message) -> None:
+        st = self._payload(msg, VRING_STATE)
+        v = self._vring(st.index)
+        if st.num not in (0, 1):
+            raise _Fail(f"queue {v.index}: enable value {st.num} is not 0 or 1")
+        log.debug("queue %d: %s", v.index, "enabled" if st.num else "disabled")
+        v._set_enabled(bool(st.num))
+
+
+# ---------------------------------------------------------------------------
+# Socket helpers
+# ---------------------------------------------------------------------------
+
+
+def listen_unix(path: str | os.PathLike) -> socket.socket:
+    """A listening AF_UNIX stream socket at `path`, mode 0600 (backlog 1).
+
+    A stale socket left by an earlier run is removed first; any other kind of
+    file at `path` is an error (FileExistsError) rather than silently deleted.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # A socket file is created with mode 0777 & ~umask: 0o177 gives 0600,
+        # so only our user may connect (and there is no window before a chmod).
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def accept_one(listen_sock: socket.socket) -> socket.socket:
+    """Wait for one front-end connection and return it."""
+    while True:
+        try:
+            conn, _ = listen_sock.accept()
+            break
+        except InterruptedError:
+            continue
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        log.info("front-end connected (pid %d, uid %d, gid %d)", pid, uid, gid)
+    except OSError:
+        log.info("front-end connected")
+    return conn

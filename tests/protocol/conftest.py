@@ -1,0 +1,282 @@
+"""Fixtures for protocol tests: the real vfsd daemon process + a Python front-end.
+
+Every test gets its own daemon (it serves one connection and exits 0 when the
+front-end disconnects), its own shared directory, and a front-end that has
+done (or not) the QEMU-like setup.  Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.frontend import Frontend, ProtocolFeature
+from tests.fuse_client import FuseClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Queues the tests want: hiprio + up to two request queues.
+WANT_QUEUES = 3
+
+try:  # the shared helper, when it exists
+    from tests.daemon import Daemon  # type: ignore
+except ImportError:  # pragma: no cover - fallback until tests/daemon.py lands
+    Daemon = None
+
+
+class LocalDaemon:
+    """Minimal stand-in for tests.daemon.Daemon (same constructor and methods)."""
+
+    def __init__(self, shared_dir, socket_path, unprivileged=True, extra_args=()):
+        self.shared_dir = Path(shared_dir)
+        self.socket_path = Path(socket_path)
+        self.unprivileged = unprivileged
+        self.extra_args = tuple(extra_args)
+        self.log_path = self.socket_path.with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0):
+        cmd = [sys.executable, "-m", "vfsd", "--socket-path", str(self.socket_path),
+               "--shared-dir", str(self.shared_dir), "--log-level", "debug", *self.extra_args]
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        deadline = time.monotonic() + timeout
+        while not self.socket_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vfsd exited with {self.proc.returncode} before listening:\n"
+                                   + self.log_text())
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("vfsd did not create its socket in time:\n" + self.log_text())
+            time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout: float):
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 5.0):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+        return self.proc.returncode if self.proc else None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def _proc(d):
+    """The subprocess.Popen behind a daemon object (either implementation)."""
+    for attr in ("proc", "process", "_proc", "popen"):
+        p = getattr(d, attr, None)
+        if isinstance(p, subprocess.Popen):
+            return p
+    raise AttributeError("daemon object exposes no Popen")
+
+
+def daemon_returncode(d):
+    return _proc(d).poll()
+
+
+def daemon_wait(d, timeout: float):
+    """Wait for exit; returns the code or None if still running."""
+    try:
+        return _proc(d).wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+class DaemonHandle:
+    """Wraps either Daemon implementation with the few helpers tests use."""
+
+    def __init__(self, impl, shared_dir: Path, socket_path: Path):
+        self.impl = impl
+        self.shared_dir = shared_dir
+        self.socket_path = socket_path
+        self._mark = 0
+
+    def log(self) -> str:
+        return self.impl.log_text()
+
+    @property
+    def uid(self) -> int:
+        return getattr(self.impl, "uid", os.getuid())
+
+    @property
+    def gid(self) -> int:
+        return getattr(self.impl, "gid", os.getgid())
+
+    def chown(self, path) -> None:
+        """Give a test-made host file to the daemon's user (as the share's own files are)."""
+        os.lchown(path, self.uid, self.gid)
+
+    def mark(self) -> None:
+        """Remember the current end of the log; `log_since_mark()` reads after it."""
+        self._mark = len(self.log())
+
+    def log_since_mark(self) -> str:
+        return self.log()[self._mark:]
+
+    def wait_log(self, pattern: str, timeout: float = 5.0, since_mark: bool = True) -> str:
+        """Wait until the log (after the mark) matches `pattern`; returns the match's line."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_since_mark() if since_mark else self.log()
+            m = rx.search(text)
+            if m:
+                start = text.rfind("\n", 0, m.start()) + 1
+                end = text.find("\n", m.end())
+                return text[start:end if end >= 0 else len(text)]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon log never matched {pattern!r}; new log lines:\n{text[-4000:]}")
+            time.sleep(0.05)
+
+    @property
+    def returncode(self):
+        return daemon_returncode(self.impl)
+
+    def alive(self) -> bool:
+        return self.returncode is None
+
+    def wait(self, timeout: float):
+        return daemon_wait(self.impl, timeout)
+
+    def assert_no_traceback(self):
+        text = self.log()
+        assert "Traceback (most recent call last)" not in text, "unhandled exception in daemon:\n" + text[-6000:]
+
+
+@pytest.fixture
+def workdir():
+    """A directory the unprivileged daemon user can search (pytest's tmp_path is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="vfsd-proto-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_dir(workdir):
+    d = workdir / "share"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture
+def daemon_args():
+    """Override in a test module to pass extra command-line arguments."""
+    return ()
+
+
+@pytest.fixture
+def unprivileged():
+    """Run the daemon as an ordinary user (the product's claim); override to False."""
+    return True
+
+
+@pytest.fixture
+def daemon(workdir, shared_dir, daemon_args, unprivileged, request):
+    sock = workdir / "run" / "vfsd.sock"
+    if Daemon is not None:
+        impl = Daemon(shared_dir, sock, unprivileged=unprivileged, extra_args=tuple(daemon_args))
+    else:
+        sock.parent.mkdir()
+        impl = LocalDaemon(shared_dir, sock, unprivileged=unprivileged, extra_args=tuple(daemon_args))
+    impl.start()
+    handle = DaemonHandle(impl, shared_dir, sock)
+    yield handle
+    impl.stop()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+    if rep.when == "call" and rep.failed and "daemon" in item.funcargs:
+        rep.sections.append(("vfsd log", item.funcargs["daemon"].log()[-8000:]))
+
+
+@pytest.fixture
+def frontend(daemon):
+    """Connected, nothing negotiated."""
+    fe = Frontend(daemon.socket_path, timeout=5.0)
+    yield fe
+    fe.close()
+
+
+def queues_to_use(fe: Frontend) -> int:
+    n = fe.queue_num if fe.queue_num is not None else 2
+    return max(2, min(n, WANT_QUEUES))
+
+
+@pytest.fixture
+def fe(frontend):
+    """Negotiated like QEMU, memory shared, hiprio + request queues started."""
+    frontend.negotiate()
+    frontend.map_memory()
+    n = queues_to_use(frontend)
+    for i in range(n):
+        frontend.setup_queue(i, 128, enable=False)
+    for i in range(n):
+        frontend.set_vring_enable(i, True)
+    return frontend
+
+
+@pytest.fixture
+def client(fe):
+    """A FuseClient on queue 1 after FUSE_INIT."""
+    c = FuseClient(fe, queue=1)
+    c.init()
+    return c
+
+
+def request_queues(fe: Frontend) -> list[int]:
+    return sorted(i for i in fe.queues if i != 0)
+
+
+def assert_serving(fe: Frontend, daemon: DaemonHandle, avoid: int | None = None, timeout: float = 5.0):
+    """The daemon still answers FUSE on some request queue other than `avoid`
+    (or, with only one request queue, completes a FORGET on hiprio)."""
+    assert daemon.alive(), f"daemon died (rc={daemon.returncode}):\n{daemon.log()[-4000:]}"
+    others = [i for i in request_queues(fe) if i != avoid]
+    if others:
+        c = FuseClient(fe, queue=others[0], timeout=timeout)
+        a = c.getattr(1)
+        assert a.attr.ino != 0 or a.attr.mode != 0
+    else:
+        c = FuseClient(fe, queue=avoid or 1, timeout=timeout)
+        c.forget(1 << 40, 1)  # unknown node: must still be completed
+    assert daemon.alive()
+
+
+__all__ = ["assert_serving", "request_queues", "queues_to_use", "ProtocolFeature"]

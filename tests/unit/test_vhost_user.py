@@ -1,0 +1,733 @@
+"""vhost-user back-end: wire structs, and the back-end driven over a socketpair.
+
+The test plays QEMU with raw messages (header + payload + SCM_RIGHTS fds), a
+memfd as guest RAM and eventfds for kick/call/err; `RingDriver` (from
+test_virtqueue) plays the guest driver.  Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import mmap
+import os
+import queue
+import select
+import socket
+import stat
+import struct
+import threading
+import time
+
+import pytest
+
+from protocol import vhost_user as vu
+from protocol.vhost_user import (ProtocolFeature, Request, VhostUserBackend, VhostUserDevice,
+                                 accept_one, listen_unix)
+from tests.unit.test_virtqueue import RingDriver
+
+TIMEOUT = 3.0
+GPA = 0x1_0000_0000
+UVA = 0x7F00_0000_0000
+MEM_SIZE = 1 << 20
+VERSION, REPLY, NEED_REPLY = 0x1, 0x4, 0x8
+
+F_VERSION_1 = 1 << 32
+F_INDIRECT = 1 << 28
+F_EVENT_IDX = 1 << 29
+F_PROTOCOL = 1 << 30
+
+
+# -- wire structs ----------------------------------------------------------------------
+
+
+def test_wire_struct_sizes():
+    assert vu.HEADER.size == 12
+    assert vu.U64.size == 8
+    assert vu.VRING_STATE.size == 8
+    assert vu.VRING_ADDR.size == 40
+    assert vu.MEMORY_REGION.size == 32
+    assert vu.MEMORY_HEADER.size == 8
+    assert vu.MEMORY_TABLE_MAX_SIZE == 8 + 8 * 32
+    assert vu.MEM_REG_MSG.size == 8 + 32
+
+
+def test_vring_addr_field_order():
+    """struct vhost_vring_addr: desc, used, avail, log (used before avail)."""
+    raw = struct.pack("<IIQQQQ", 1, 0, 0x10, 0x20, 0x30, 0x40)
+    a = vu.VRING_ADDR.unpack(raw)
+    assert (a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr) == \
+        (0x10, 0x20, 0x30, 0x40)
+
+
+def test_constants_from_the_spec():
+    assert vu.VIRTIO_F_VERSION_1 == 32
+    assert vu.VHOST_USER_F_PROTOCOL_FEATURES == 30
+    assert vu.VIRTIO_RING_F_INDIRECT_DESC == 28
+    assert vu.VIRTIO_RING_F_EVENT_IDX == 29
+    assert Request.SET_VRING_KICK == 12 and Request.GET_MAX_MEM_SLOTS == 36
+    assert Request.SET_BACKEND_REQ_FD == 21 and Request.RESET_DEVICE == 34
+    assert ProtocolFeature.REPLY_ACK == 1 << 3
+    assert ProtocolFeature.CONFIGURE_MEM_SLOTS == 1 << 15
+
+
+# -- a test device -----------------------------------------------------------------------
+
+
+class EchoDevice(VhostUserDevice):
+    """Copies the readable bytes into the writable buffers.
+
+    Requests starting with RAISE make it raise, HOLD keeps the chain for the
+    test to complete, ASYNC completes from another thread."""
+
+    def __init__(self, num_queues: int = 2, device_features: int = 0):
+        self.num_queues = num_queues
+        self.device_features = device_features
+        self.seen: queue.Queue = queue.Queue()
+        self.held: queue.Queue = queue.Queue()
+        self.resets = 0
+
+    @staticmethod
+    def echo(chain, data: bytes) -> int:
+        n = 0
+        for v in chain.writable:
+            k = min(len(v), len(data) - n)
+            v[:k] = data[n:n + k]
+            n += k
+        return n
+
+    def handle_chain(self, vring, chain):
+        data = b"".join(bytes(v) for v in chain.readable)
+        self.seen.put((vring.index, chain.head, data))
+        if data.startswith(b"RAISE"):
+            raise RuntimeError("simulated device bug")
+        if data.startswith(b"HOLD"):
+            self.held.put((vring, chain, data))
+            return None
+        if data.startswith(b"ASYNC"):
+            threading.Thread(target=lambda: vring.complete(chain, self.echo(chain, data))).start()
+            return None
+        return self.echo(chain, data)
+
+    def reset(self):
+        self.resets += 1
+
+
+# -- the harness (a raw vhost-user front-end) -------------------------------------------
+
+
+def wait_fd(fd: int, timeout: float = TIMEOUT) -> bool:
+    """Wait for an eventfd to fire; consume it."""
+    r, _, _ = select.select([fd], [], [], timeout)
+    if r:
+        os.read(fd, 8)
+        return True
+    return False
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Harness:
+    def __init__(self, device: VhostUserDevice | None = None, drain_timeout: float = 2.0):
+        self.device = device or EchoDevice()
+        self.fe, be = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.fe.settimeout(TIMEOUT)
+        self.backend = VhostUserBackend(self.device, drain_timeout=drain_timeout)
+        self.thread = threading.Thread(target=self.backend.serve_connection, args=(be,),
+                                       daemon=True)
+        self.thread.start()
+        self.memfd = os.memfd_create("vfsd-test-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, MEM_SIZE)
+        self.map = mmap.mmap(self.memfd, MEM_SIZE)
+        self.fds: list[int] = [self.memfd]
+        self.rings: dict[int, tuple[RingDriver, int, int, int]] = {}
+
+    # raw messages
+    def send(self, request: int, payload: bytes = b"", fds=(), *, need_reply=False,
+             flags: int | None = None, size: int | None = None) -> None:
+        if flags is None:
+            flags = VERSION | (NEED_REPLY if need_reply else 0)
+        hdr = struct.pack("<III", request, flags, len(payload) if size is None else size)
+        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+               if fds else [])
+        self.fe.sendmsg([hdr + payload], anc)
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.fe.recv(n - len(buf))
+            if not chunk:
+                raise EOFError("back-end closed the connection")
+            buf += chunk
+        return buf
+
+    def recv(self, expect: int) -> bytes:
+        request, flags, size = struct.unpack("<III", self.recv_exact(12))
+        assert request == expect, f"reply to {request}, expected {expect}"
+        assert flags == VERSION | REPLY, f"reply flags 0x{flags:x}"
+        return self.recv_exact(size)
+
+    def get_u64(self, request: int, **kw) -> int:
+        self.send(request, **kw)
+        payload = self.recv(request)
+        assert len(payload) == 8
+        return struct.unpack("<Q", payload)[0]
+
+    def ack(self, request: int, payload: bytes = b"", fds=()) -> int:
+        """Send with NEED_REPLY; the REPLY_ACK value (0 = success)."""
+        self.send(request, payload, fds, need_reply=True)
+        payload = self.recv(request)
+        assert len(payload) == 8
+        return struct.unpack("<Q", payload)[0]
+
+    def ok(self, request: int, payload: bytes = b"", fds=()) -> None:
+        assert self.ack(request, payload, fds) == 0, f"{Request(request).name} nacked"
+
+    def no_reply(self, seconds: float = 0.2) -> bool:
+        r, _, _ = select.select([self.fe], [], [], seconds)
+        return not r
+
+    def expect_close(self) -> None:
+        """The back-end ends the connection: EOF here, serve_connection returns."""
+        self.fe.settimeout(TIMEOUT)
+        assert self.fe.recv(1) == b""
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+    # set-up like QEMU 7.2
+    def negotiate(self, features: int = F_VERSION_1 | F_INDIRECT | F_PROTOCOL) -> None:
+        offered = self.get_u64(Request.GET_FEATURES)
+        assert offered & features == features
+        if features & F_PROTOCOL:
+            pf = self.get_u64(Request.GET_PROTOCOL_FEATURES)
+            self.send(Request.SET_PROTOCOL_FEATURES, struct.pack("<Q", pf))
+            assert self.get_u64(Request.GET_QUEUE_NUM) == self.device.num_queues
+            assert self.get_u64(Request.GET_MAX_MEM_SLOTS) >= 8
+        self.ok(Request.SET_OWNER)
+        self.ok(Request.SET_FEATURES, struct.pack("<Q", features))
+
+    def set_mem_table(self) -> None:
+        self.ok(Request.SET_MEM_TABLE, struct.pack("<IIQQQQ", 1, 0, GPA, MEM_SIZE, UVA, 0),
+                [self.memfd])
+
+    def uva(self, gpa: int) -> int:
+        return gpa - GPA + UVA
+
+    def setup_ring(self, index: int, size: int = 8, enable: bool = True, base: int = 0,
+                   driver: RingDriver | None = None):
+        """QEMU's per-ring start sequence; a new ring is zeroed, as a driver does."""
+        d = driver
+        if d is None:
+            d = RingDriver(self.map, GPA, size, ring_offset=0x40000 * index)
+            d.write(d.desc_gpa, bytes(d.used_gpa + 6 + 8 * size - d.desc_gpa))
+        if base:
+            d.set_avail_idx(base)
+            d.set_used_idx(base)
+        kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
+        self.fds += [kick, call, err]
+        self.ok(Request.SET_VRING_CALL, struct.pack("<Q", index), [call])
+        self.ok(Request.SET_VRING_ERR, struct.pack("<Q", index), [err])
+        self.ok(Request.SET_VRING_NUM, struct.pack("<II", index, size))
+        self.ok(Request.SET_VRING_BASE, struct.pack("<II", index, base))
+        self.ok(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, self.uva(d.desc_gpa),
+                                                    self.uva(d.used_gpa), self.uva(d.avail_gpa), 0))
+        self.ok(Request.SET_VRING_KICK, struct.pack("<Q", index), [kick])
+        if enable:
+            self.ok(Request.SET_VRING_ENABLE, struct.pack("<II", index, 1))
+        self.rings[index] = (d, kick, call, err)
+        return d, kick, call, err
+
+    def start(self, queues=(0, 1)) -> None:
+        self.negotiate()
+        self.set_mem_table()
+        for i in queues:
+            self.setup_ring(i)
+
+    def request(self, index: int, data: bytes, wsize: int = 64, indirect=False,
+                expect_call=True) -> tuple[int, bytes]:
+        """Queue one chain, kick, wait for the call and the used element."""
+        d, kick, call, _ = self.rings[index]
+        before = d.used_idx()
+        head, (w,) = d.add([data], [wsize], indirect=indirect)
+        os.eventfd_write(kick, 1)
+        if expect_call:
+            assert wait_fd(call), f"queue {index}: no call notification"
+        deadline = time.monotonic() + TIMEOUT
+        while d.used_idx() == before:
+            assert time.monotonic() < deadline, f"queue {index}: nothing used"
+            time.sleep(0.005)
+        uid, ulen = d.used_elem(before)
+        assert uid == head
+        return ulen, d.read(w, ulen)
+
+    def close(self) -> None:
+        self.fe.close()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive(), "serve_connection did not return after hang-up"
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def h():
+    harness = Harness()
+    yield harness
+    harness.close()
+
+
+# -- negotiation ---------------------------------------------------------------------------
+
+
+def test_get_features(h):
+    f = h.get_u64(Request.GET_FEATURES)
+    assert f & F_VERSION_1 and f & F_INDIRECT and f & F_PROTOCOL
+    assert not f & F_EVENT_IDX
+    assert f == F_VERSION_1 | F_INDIRECT | F_PROTOCOL
+
+
+def test_device_features_offered_but_not_unsupported_ones():
+    h = Harness(EchoDevice(device_features=(1 << 0) | F_EVENT_IDX | (1 << 34)))
+    try:
+        f = h.get_u64(Request.GET_FEATURES)
+        assert f & 1 and not f & F_EVENT_IDX and not f & (1 << 34)
+    finally:
+        h.close()
+
+
+def test_protocol_features(h):
+    h.get_u64(Request.GET_FEATURES)
+    pf = h.get_u64(Request.GET_PROTOCOL_FEATURES)
+    assert pf == (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                  | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE)
+    assert h.ack(Request.SET_PROTOCOL_FEATURES, struct.pack("<Q", pf)) == 0
+    assert h.backend.acked_protocol_features == pf
+    assert h.get_u64(Request.GET_QUEUE_NUM) == 2
+    assert h.get_u64(Request.GET_MAX_MEM_SLOTS) == 32
+    # Not offered -> refused.
+    assert h.ack(Request.SET_PROTOCOL_FEATURES,
+                 struct.pack("<Q", ProtocolFeature.BACKEND_REQ)) != 0
+    assert h.ack(Request.SET_FEATURES, struct.pack("<Q", F_EVENT_IDX)) != 0
+
+
+def test_need_reply_on_a_replying_message_gives_one_reply(h):
+    assert h.get_u64(Request.GET_FEATURES, need_reply=True) & F_VERSION_1
+    assert h.no_reply()
+
+
+def test_no_ack_without_need_reply(h):
+    h.send(Request.SET_OWNER)
+    assert h.no_reply()
+    assert h.get_u64(Request.GET_QUEUE_NUM) == 2  # still in step
+
+
+def test_backend_req_fd_is_accepted_and_closed(h):
+    a, b = socket.socketpair()
+    try:
+        assert h.ack(Request.SET_BACKEND_REQ_FD, b"", [b.fileno()]) == 0
+        b.close()
+        a.settimeout(TIMEOUT)
+        assert a.recv(1) == b""  # the back-end's copy was closed too
+    finally:
+        a.close()
+
+
+# -- the data path ------------------------------------------------------------------------
+
+
+def test_kick_reaches_device_and_reply_lands_in_used_ring(h):
+    h.start()
+    assert h.request(1, b"hello virtqueue") == (15, b"hello virtqueue")
+    assert h.device.seen.get(timeout=TIMEOUT)[0] == 1
+    assert h.request(1, b"indirect too", indirect=True) == (12, b"indirect too")
+    assert h.request(0, b"queue zero") == (10, b"queue zero")
+
+
+def test_get_vring_base_returns_the_index(h):
+    h.start()
+    for i in range(3):
+        h.request(1, b"x%d" % i)
+    h.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
+    assert struct.unpack("<II", h.recv(Request.GET_VRING_BASE)) == (1, 3)
+    # The ring is stopped now: a kick is not processed.
+    d, kick, call, _ = h.rings[1]
+    d.add([b"after stop"], [16])
+    os.eventfd_write(kick, 1)
+    assert not wait_fd(call, 0.2)
+    assert d.used_idx() == 3
+
+
+def test_restart_after_get_vring_base_continues_from_base(h):
+    h.start()
+    h.request(1, b"one")
+    h.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
+    assert struct.unpack("<II", h.recv(Request.GET_VRING_BASE)) == (1, 1)
+    d, kick, call, err = h.rings[1]
+    h.ok(Request.SET_VRING_BASE, struct.pack("<II", 1, 1))
+    h.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [kick])
+    assert h.request(1, b"two") == (3, b"two")
+
+
+def test_ring_base_near_wrap(h):
+    h.negotiate()
+    h.set_mem_table()
+    h.setup_ring(1, size=4, base=0xFFFE)
+    for i in range(4):
+        assert h.request(1, b"w%d" % i) == (2, b"w%d" % i)
+    h.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
+    assert struct.unpack("<II", h.recv(Request.GET_VRING_BASE)) == (1, 2)
+
+
+def test_buffers_queued_before_the_kick_fd_are_processed(h):
+    h.negotiate()
+    h.set_mem_table()
+    d = RingDriver(h.map, GPA, 8, ring_offset=0x40000)
+    d.add([b"early"], [8])
+    _, _, call, _ = h.setup_ring(1, driver=d)
+    assert wait_fd(call)
+    assert d.used_elem(0) == (0, 5)
+
+
+def test_async_completion(h):
+    h.start()
+    assert h.request(1, b"ASYNC reply") == (11, b"ASYNC reply")
+
+
+def test_device_exception_completes_with_zero_and_ring_keeps_going(h, caplog):
+    h.start()
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        assert h.request(1, b"RAISE please") == (0, b"")
+    assert any("device failed on descriptor chain" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+    assert h.request(1, b"still alive") == (11, b"still alive")
+
+
+def test_malformed_ring_breaks_only_that_queue(h, caplog):
+    h.start()
+    d, kick, call, err = h.rings[1]
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        slot = d.take_descs(1)[0]
+        d.write_desc(slot, GPA + MEM_SIZE + 0x1000, 64, 2)  # writable, outside memory
+        d.put_avail(slot)
+        os.eventfd_write(kick, 1)
+        assert wait_fd(err), "err eventfd not signalled for a broken queue"
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(m.startswith("queue 1: broken: descriptor") and "outside guest memory" in m
+               and hex(GPA + MEM_SIZE + 0x1000) in m for m in msgs), msgs
+    assert h.backend.vrings[1].broken
+    # Queue 1 stays broken (logged once) ...
+    d.add([b"more"], [8])
+    os.eventfd_write(kick, 1)
+    assert not wait_fd(call, 0.2)
+    assert sum("broken" in r.getMessage() for r in caplog.records) == 1
+    # ... and queue 0 keeps serving.
+    assert h.request(0, b"fine") == (4, b"fine")
+
+
+def test_avail_index_jump_breaks_queue(h):
+    h.start()
+    d, kick, _, err = h.rings[1]
+    d.set_avail_idx(100)
+    os.eventfd_write(kick, 1)
+    assert wait_fd(err)
+    assert "jumped" in h.backend.vrings[1].broken
+
+
+def test_disabled_ring_is_not_processed_until_enabled(h):
+    h.negotiate()
+    h.set_mem_table()
+    d, kick, call, _ = h.setup_ring(1, enable=False)
+    d.add([b"wait"], [8])
+    os.eventfd_write(kick, 1)
+    assert not wait_fd(call, 0.2)
+    h.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 1, 1))
+    assert wait_fd(call)
+    assert d.used_elem(0) == (0, 4)
+    h.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 1, 0))
+    d.add([b"again"], [8])
+    os.eventfd_write(kick, 1)
+    assert not wait_fd(call, 0.2)
+
+
+def test_without_protocol_features_rings_start_enabled(h):
+    h.negotiate(features=F_VERSION_1 | F_INDIRECT)
+    h.set_mem_table()
+    h.setup_ring(1, enable=False)
+    assert h.request(1, b"no enable needed") == (16, b"no enable needed")
+
+
+def test_get_vring_base_waits_for_in_flight_chains(h):
+    h.start()
+    d, kick, call, _ = h.rings[1]
+    d.add([b"HOLD me"], [16])
+    os.eventfd_write(kick, 1)
+    vring, chain, data = h.device.held.get(timeout=TIMEOUT)
+    h.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
+    assert h.no_reply(0.2), "GET_VRING_BASE answered while a chain was in flight"
+    vring.complete(chain, EchoDevice.echo(chain, data))
+    assert struct.unpack("<II", h.recv(Request.GET_VRING_BASE)) == (1, 1)
+    assert d.used_elem(0) == (0, 7)
+    vring.complete(chain, 7)  # a second completion is ignored, not pushed again
+    assert d.used_idx() == 1
+
+
+def test_call_fd_can_change_while_running(h):
+    h.start()
+    new_call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    h.fds.append(new_call)
+    h.ok(Request.SET_VRING_CALL, struct.pack("<Q", 1), [new_call])
+    d, kick, old_call, err = h.rings[1]
+    h.rings[1] = (d, kick, new_call, err)
+    assert h.request(1, b"to the new fd") == (13, b"to the new fd")
+    assert not wait_fd(old_call, 0)
+
+
+# -- memory changes ----------------------------------------------------------------------
+
+
+def test_add_and_remove_memory_region_while_running(h):
+    h.start()
+    assert h.request(1, b"before") == (6, b"before")
+    extra = os.memfd_create("extra", os.MFD_CLOEXEC)
+    os.ftruncate(extra, 0x10000)
+    h.fds.append(extra)
+    gpa2, uva2 = GPA + 0x1000_0000, UVA + 0x1000_0000
+    region = struct.pack("<QQQQQ", 0, gpa2, 0x10000, uva2, 0)
+    h.ok(Request.ADD_MEM_REG, region, [extra])
+    assert len(h.backend.memory) == 2
+    # A chain whose writable buffer lives in the new region.
+    d, kick, call, _ = h.rings[1]
+    d.write_desc(0, d.put(b"new region"), 10, 1, 1)
+    d.write_desc(1, gpa2 + 0x100, 32, 2)
+    d.put_avail(0)
+    os.eventfd_write(kick, 1)
+    assert wait_fd(call)
+    assert d.used_elem(1) == (0, 10)
+    assert os.pread(extra, 10, 0x100) == b"new region"
+    h.ok(Request.REM_MEM_REG, region)
+    assert len(h.backend.memory) == 1
+    assert h.ack(Request.REM_MEM_REG, region) != 0  # gone already
+    assert h.request(1, b"after") == (5, b"after")
+
+
+def test_set_mem_table_replaces_memory_while_running(h):
+    h.start()
+    h.request(1, b"one")
+    h.set_mem_table()  # same layout, new mapping: rings re-translated and resumed
+    assert h.request(1, b"two") == (3, b"two")
+
+
+def test_ring_addresses_outside_memory_are_nacked(h):
+    h.negotiate()
+    h.set_mem_table()
+    h.ok(Request.SET_VRING_NUM, struct.pack("<II", 1, 8))
+    for desc, used, avail in ((UVA + MEM_SIZE, UVA, UVA), (UVA, UVA + MEM_SIZE - 8, UVA),
+                              (UVA, UVA, GPA)):
+        assert h.ack(Request.SET_VRING_ADDR,
+                     struct.pack("<IIQQQQ", 1, 0, desc, used, avail, 0)) != 0
+
+
+def test_ring_outside_memory_does_not_start(h, caplog):
+    """Addresses set before the memory table, which then does not cover them."""
+    h.negotiate()
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    h.fds.append(kick)
+    h.ok(Request.SET_VRING_NUM, struct.pack("<II", 1, 8))
+    h.ok(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", 1, 0, UVA + MEM_SIZE, UVA, UVA, 0))
+    h.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [kick])
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        h.set_mem_table()
+    assert not h.backend.vrings[1].started
+    assert any("queue 1: cannot start" in r.getMessage() for r in caplog.records)
+
+
+# -- resets and hang-up ----------------------------------------------------------------------
+
+
+def test_reset_device_stops_rings_and_keeps_memory(h):
+    h.start()
+    h.request(1, b"x")
+    h.ok(Request.RESET_DEVICE)
+    assert h.device.resets == 1
+    assert not any(v.started for v in h.backend.vrings)
+    assert len(h.backend.memory) == 1  # QEMU does not resend unchanged regions
+    # Re-initialise the rings (a guest reboot) without a new memory table.
+    h.ok(Request.SET_FEATURES, struct.pack("<Q", F_VERSION_1 | F_INDIRECT | F_PROTOCOL))
+    for i in (0, 1):
+        h.setup_ring(i)
+    assert h.request(1, b"after reset") == (11, b"after reset")
+
+
+def test_hang_up_resets_device_and_closes_fds():
+    before = open_fds()
+    h = Harness()
+    h.start()
+    h.request(1, b"bye")
+    h.close()
+    assert h.device.resets == 1
+    assert h.backend.memory is not None and len(h.backend.memory) == 0
+    h.map.close()
+    assert open_fds() <= before + 1, "fds leaked after the connection ended"
+
+
+def test_hang_up_with_chain_in_flight_does_not_hang():
+    h = Harness(drain_timeout=0.3)
+    h.start()
+    d, kick, _, _ = h.rings[1]
+    d.add([b"HOLD forever"], [8])
+    os.eventfd_write(kick, 1)
+    h.device.held.get(timeout=TIMEOUT)
+    t = time.monotonic()
+    h.close()
+    assert time.monotonic() - t < 2.0
+
+
+# -- malformed messages ----------------------------------------------------------------------
+
+
+def test_bad_payload_size_is_nacked(h):
+    h.send(Request.SET_FEATURES, b"\0" * 4, need_reply=True)
+    assert struct.unpack("<Q", h.recv(Request.SET_FEATURES))[0] != 0
+    h.send(Request.SET_VRING_NUM, b"\0" * 12, need_reply=True)
+    assert struct.unpack("<Q", h.recv(Request.SET_VRING_NUM))[0] != 0
+    assert h.get_u64(Request.GET_QUEUE_NUM) == 2  # still in step
+
+
+@pytest.mark.parametrize("flags", [0x0, 0x2, 0x3, VERSION | REPLY, 0x2 | NEED_REPLY])
+def test_bad_version_or_reply_flag_is_dropped(h, caplog, flags):
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        h.send(Request.SET_FEATURES, struct.pack("<Q", F_VERSION_1), flags=flags)
+        assert h.no_reply()
+        assert h.get_u64(Request.GET_QUEUE_NUM) == 2  # framing kept, still in step
+    assert h.backend.acked_features == 0
+    assert any("dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_oversize_payload_closes_connection(h):
+    h.send(Request.SET_FEATURES, size=1 << 20)
+    h.expect_close()
+
+
+def test_truncated_payload_closes_connection(h):
+    h.send(Request.SET_FEATURES, b"\0" * 4, size=8)
+    h.fe.shutdown(socket.SHUT_WR)
+    h.expect_close()
+
+
+def test_truncated_header_closes_connection(h):
+    h.fe.sendall(b"\x01\x00\x00")
+    h.fe.shutdown(socket.SHUT_WR)
+    h.expect_close()
+
+
+def test_unknown_request_with_need_reply_is_nacked(h):
+    assert h.ack(99) != 0
+    assert h.ack(Request.SET_LOG_BASE, b"\0" * 16) != 0
+    h.send(98)
+    assert h.no_reply()
+    assert h.get_u64(Request.GET_QUEUE_NUM) == 2
+
+
+def test_unsupported_request_with_mandatory_reply_gets_failure_not_silence(h):
+    h.send(Request.GET_CONFIG, b"\0" * 12)
+    assert struct.unpack("<Q", h.recv(Request.GET_CONFIG))[0] != 0
+
+
+def test_vring_index_out_of_range(h):
+    assert h.ack(Request.SET_VRING_NUM, struct.pack("<II", 2, 8)) != 0
+    assert h.ack(Request.SET_VRING_ENABLE, struct.pack("<II", 200, 1)) != 0
+    ev = os.eventfd(0, os.EFD_CLOEXEC)
+    h.fds.append(ev)
+    assert h.ack(Request.SET_VRING_CALL, struct.pack("<Q", 7), [ev]) != 0
+    assert h.ack(Request.SET_VRING_KICK, struct.pack("<Q", 0x1_0000), [ev]) != 0
+    # GET_VRING_BASE always has a reply: a failure u64 (not silence, not a hang-up).
+    h.send(Request.GET_VRING_BASE, struct.pack("<II", 9, 0))
+    assert struct.unpack("<Q", h.recv(Request.GET_VRING_BASE))[0] != 0
+    h.send(Request.GET_VRING_BASE, struct.pack("<I", 1))
+    assert struct.unpack("<Q", h.recv(Request.GET_VRING_BASE))[0] != 0
+    assert h.get_u64(Request.GET_QUEUE_NUM) == 2
+
+
+def test_invalid_ring_parameters_are_nacked(h):
+    for num in (0, 3, 65536):
+        assert h.ack(Request.SET_VRING_NUM, struct.pack("<II", 1, num)) != 0
+    assert h.ack(Request.SET_VRING_BASE, struct.pack("<II", 1, 0x10000)) != 0
+    assert h.ack(Request.SET_VRING_ENABLE, struct.pack("<II", 1, 2)) != 0
+    assert h.ack(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", 1, 1, 0, 0, 0, 0)) != 0
+
+
+def test_fd_count_mismatches_are_nacked_and_fds_closed(h):
+    ev = os.eventfd(0, os.EFD_CLOEXEC)
+    h.fds.append(ev)
+    before = open_fds()
+    table = struct.pack("<IIQQQQ", 1, 0, GPA, MEM_SIZE, UVA, 0)
+    assert h.ack(Request.SET_MEM_TABLE, table) != 0                      # no fd
+    assert h.ack(Request.SET_MEM_TABLE, table, [h.memfd, ev]) != 0       # one too many
+    assert h.ack(Request.SET_VRING_CALL, struct.pack("<Q", 1 | 0x100), [ev]) != 0  # NOFD + fd
+    assert h.ack(Request.ADD_MEM_REG, struct.pack("<QQQQQ", 0, GPA, 4096, UVA, 0)) != 0
+    # Messages that take no fd: the fd is closed, the message still handled.
+    assert h.get_u64(Request.GET_FEATURES, fds=[ev]) & F_VERSION_1
+    assert h.ack(Request.SET_OWNER, b"", [ev, ev]) == 0
+    assert open_fds() == before, "received fds were not closed"
+
+
+def test_bad_memory_table_is_nacked(h):
+    ev = os.eventfd(0, os.EFD_CLOEXEC)
+    h.fds.append(ev)
+    # nregions says 2, payload carries 1
+    assert h.ack(Request.SET_MEM_TABLE, struct.pack("<IIQQQQ", 2, 0, GPA, MEM_SIZE, UVA, 0),
+                 [h.memfd]) != 0
+    # nregions 9
+    assert h.ack(Request.SET_MEM_TABLE, struct.pack("<II", 9, 0) + b"\0" * 32 * 9) != 0
+    # an fd that cannot be mapped
+    assert h.ack(Request.SET_MEM_TABLE, struct.pack("<IIQQQQ", 1, 0, GPA, MEM_SIZE, UVA, 0),
+                 [ev]) != 0
+    # zero-sized region
+    assert h.ack(Request.SET_MEM_TABLE, struct.pack("<IIQQQQ", 1, 0, GPA, 0, UVA, 0),
+                 [h.memfd]) != 0
+    assert len(h.backend.memory) == 0
+    h.set_mem_table()
+    assert len(h.backend.memory) == 1
+
+
+# -- socket helpers -------------------------------------------------------------------------
+
+
+def test_listen_unix_mode_stale_socket_and_accept(tmp_path):
+    path = tmp_path / "vfsd.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # leaves a dead socket file behind
+    lsock = listen_unix(path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(path))
+        conn = accept_one(lsock)
+        conn.sendall(b"hi")
+        assert c.recv(2) == b"hi"
+        conn.close()
+        c.close()
+    finally:
+        lsock.close()
+
+
+def test_listen_unix_refuses_to_delete_a_regular_file(tmp_path):
+    path = tmp_path / "not-a-socket"
+    path.write_text("precious")
+    with pytest.raises(FileExistsError):
+        listen_unix(path)
+    assert path.read_text() == "precious"
+
+
+def test_device_must_declare_queues():
+    class NoQueues(VhostUserDevice):
+        def handle_chain(self, vring, chain):
+            return 0
+
+    with pytest.raises(ValueError):
+        VhostUserBackend(NoQueues())

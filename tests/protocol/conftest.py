@@ -10,95 +10,26 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.daemon import Daemon
 from tests.frontend import Frontend, ProtocolFeature
 from tests.fuse_client import FuseClient
-
-REPO = Path(__file__).resolve().parents[2]
 
 #: Queues the tests want: hiprio + up to two request queues.
 WANT_QUEUES = 3
 
-try:  # the shared helper, when it exists
-    from tests.daemon import Daemon  # type: ignore
-except ImportError:  # pragma: no cover - fallback until tests/daemon.py lands
-    Daemon = None
 
-
-class LocalDaemon:
-    """Minimal stand-in for tests.daemon.Daemon (same constructor and methods)."""
-
-    def __init__(self, shared_dir, socket_path, unprivileged=True, extra_args=()):
-        self.shared_dir = Path(shared_dir)
-        self.socket_path = Path(socket_path)
-        self.unprivileged = unprivileged
-        self.extra_args = tuple(extra_args)
-        self.log_path = self.socket_path.with_suffix(".log")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 15.0):
-        cmd = [sys.executable, "-m", "vfsd", "--socket-path", str(self.socket_path),
-               "--shared-dir", str(self.shared_dir), "--log-level", "debug", *self.extra_args]
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-        deadline = time.monotonic() + timeout
-        while not self.socket_path.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vfsd exited with {self.proc.returncode} before listening:\n"
-                                   + self.log_text())
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("vfsd did not create its socket in time:\n" + self.log_text())
-            time.sleep(0.02)
-        return self
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def poll(self):
-        return self.proc.poll()
-
-    def wait(self, timeout: float):
-        return self.proc.wait(timeout)
-
-    def stop(self, timeout: float = 5.0):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if getattr(self, "_log", None):
-            self._log.close()
-        return self.proc.returncode if self.proc else None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-
-def _proc(d):
-    """The subprocess.Popen behind a daemon object (either implementation)."""
-    for attr in ("proc", "process", "_proc", "popen"):
-        p = getattr(d, attr, None)
-        if isinstance(p, subprocess.Popen):
-            return p
-    raise AttributeError("daemon object exposes no Popen")
+def _proc(d: Daemon) -> subprocess.Popen:
+    """The daemon's process."""
+    if d.proc is None:
+        raise RuntimeError("daemon not started")
+    return d.proc
 
 
 def daemon_returncode(d):
@@ -114,7 +45,7 @@ def daemon_wait(d, timeout: float):
 
 
 class DaemonHandle:
-    """Wraps either Daemon implementation with the few helpers tests use."""
+    """Wraps tests.daemon.Daemon with the few helpers protocol tests use."""
 
     def __init__(self, impl, shared_dir: Path, socket_path: Path):
         self.impl = impl
@@ -206,11 +137,7 @@ def unprivileged():
 @pytest.fixture
 def daemon(workdir, shared_dir, daemon_args, unprivileged, request):
     sock = workdir / "run" / "vfsd.sock"
-    if Daemon is not None:
-        impl = Daemon(shared_dir, sock, unprivileged=unprivileged, extra_args=tuple(daemon_args))
-    else:
-        sock.parent.mkdir()
-        impl = LocalDaemon(shared_dir, sock, unprivileged=unprivileged, extra_args=tuple(daemon_args))
+    impl = Daemon(shared_dir, sock, unprivileged=unprivileged, extra_args=tuple(daemon_args))
     impl.start()
     handle = DaemonHandle(impl, shared_dir, sock)
     yield handle

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import array
 import enum
-import errno
 import mmap
 import os
 import select
@@ -529,7 +528,7 @@ class DriverQueue:
     def _take(self, n: int) -> list[int]:
         if len(self.free_descs) < n:
             raise MemoryError(f"queue {self.index}: {n} descriptors wanted, {len(self.free_descs)} free")
-        # Spread chains over the table in a non-trivial order (not 0,1,2,...).
+        # Freed slots go to the back, so chains soon use scattered, non-consecutive slots.
         slots = self.free_descs[:n]
         del self.free_descs[:n]
         return slots

@@ -47,6 +47,12 @@ class SessionOptions:
     writeback: bool = False
     max_write: int = 1 << 20
     max_pages: int = 256
+    xattr: bool = True  # guest xattrs (GETXATTR & co.); records exist regardless
+    posix_acl: bool = True  # FUSE_POSIX_ACL: the guest kernel enforces ACLs (needs xattr)
+    security_label: bool = False  # FUSE_SECURITY_CTX: labels set atomically at creation
+    killpriv_v2: bool = False  # FUSE_HANDLE_KILLPRIV_V2: the server clears suid/sgid/caps
+    announce_submounts: bool = False  # FUSE_SUBMOUNTS: mount points inside the share
+    allow_mmap: bool = False  # FUSE_DIRECT_IO_ALLOW_MMAP with cache=never
 
 
 class ProtocolError(Exception):

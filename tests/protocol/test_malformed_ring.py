@@ -8,7 +8,6 @@ otherwise valid chain must get an error reply on the same queue.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import time
@@ -17,8 +16,8 @@ import pytest
 
 from protocol import fuse
 from tests.frontend import (DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-                            Buffer, Timeout)
-from tests.fuse_client import FuseClient, FuseProtocolError, next_unique
+                            Buffer)
+from tests.fuse_client import next_unique
 
 from .conftest import assert_serving
 

@@ -10,14 +10,13 @@ connection, and then it must exit promptly without a traceback.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import time
 
 import pytest
 
-from tests.frontend import (HEADER, MEM_REGION, U64, VERSION, VRING_NOFD_MASK, VRING_STATE,
-                            Disconnected, Req, Timeout)
+from tests.frontend import (HEADER, MEM_REGION, U64, VERSION, VRING_STATE, Disconnected, Req,
+                            Timeout)
 from tests.fuse_client import FuseClient
 
 from .conftest import _proc

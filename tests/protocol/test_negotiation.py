@@ -5,10 +5,8 @@ from __future__ import annotations
 import struct
 import time
 
-import pytest
-
 from tests.frontend import (F_PROTOCOL_FEATURES, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
-                            F_RING_PACKED, F_VERSION_1, FLAG_NEED_REPLY, FLAG_REPLY, U64,
+                            F_RING_PACKED, F_VERSION_1, FLAG_REPLY, U64,
                             VERSION, DriverQueue, ProtocolFeature, Req)
 from tests.fuse_client import FuseClient, next_unique
 from protocol import fuse

@@ -171,6 +171,7 @@ FSYNC_FDATASYNC = 1 << 0  # fuse_fsync_in.fsync_flags
 OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in/fuse_create_in.open_flags
 SETXATTR_ACL_KILL_SGID = 1 << 0  # fuse_setxattr_in.setxattr_flags
 LK_FLOCK = 1 << 0  # fuse_lk_in.lk_flags
+ATTR_SUBMOUNT = 1 << 0  # fuse_attr.flags: a mount point (with FUSE_SUBMOUNTS)
 
 
 # ---------------------------------------------------------------------------

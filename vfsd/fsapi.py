@@ -35,6 +35,7 @@ class Attr:
     gid: int
     rdev: int  # Linux dev_t (os.makedev encoding)
     blksize: int
+    submount: bool = False  # a mount point inside the share (FUSE_ATTR_SUBMOUNT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,10 @@ import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import ownership, syscalls
+from . import posix_acl as pacl
 from .fsapi import NOW, Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
 from .ownership import Record, RecordError
 from .syscalls import proc_fd
@@ -38,9 +39,11 @@ from .syscalls import proc_fd
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_TMPFILE
 _HOST_RECORD_TYPES = (stat.S_IFREG, stat.S_IFDIR)  # host types that can carry user.*
 _MAX_SYMLINK = 4095
+XATTR_CREATE, XATTR_REPLACE = os.XATTR_CREATE, os.XATTR_REPLACE
+SECURITY_CAPABILITY = b"security.capability"
 
 
 @dataclass(eq=False)
@@ -69,9 +72,16 @@ class Handle:
 class PassthroughFs:
     def __init__(self, shared_dir: str, *, record_name: str = ownership.DEFAULT_RECORD_NAME.decode(),
                  uidmap: ownership.IdMap | None = None, gidmap: ownership.IdMap | None = None,
-                 key: bytes | None = None, readonly: bool = False):
+                 key: bytes | None = None, readonly: bool = False, posix_acl: bool = True):
         self.record_name = record_name
         self._record_name_b = record_name.encode()
+        self.names = ownership.XattrNames(self._record_name_b)
+        # ACL bookkeeping (mode <-> access ACL, default ACL inheritance) is
+        # only done when the guest kernel uses ACLs (FUSE_POSIX_ACL).
+        self.posix_acl = posix_acl
+        self._acl_access = self.names.guest_to_host(pacl.ACCESS)
+        self._acl_default = self.names.guest_to_host(pacl.DEFAULT)
+        self._caps = self.names.guest_to_host(SECURITY_CAPABILITY)
         self.uidmap = uidmap
         self.gidmap = gidmap
         self.key = key
@@ -88,6 +98,7 @@ class PassthroughFs:
         root = Inode(ROOT_ID, fd, (st.st_dev, st.st_ino), nlookup=1 << 62)
         self._by_id[ROOT_ID] = root
         self._by_key[root.key] = root
+        self._syncfs_fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------
     # Start-up checks
@@ -139,8 +150,12 @@ class PassthroughFs:
             os.close(fd)
             raise
 
-    def _entry(self, ino: Inode, st: os.stat_result | None = None) -> Entry:
-        return Entry(ino.nodeid, 0, self._attr(ino, st))
+    def _entry(self, ino: Inode, st: os.stat_result | None = None,
+               parent: Inode | None = None) -> Entry:
+        attr = self._attr(ino, st)
+        if parent is not None and parent.key[0] != ino.key[0]:
+            attr = replace(attr, submount=True)  # a mount point inside the share
+        return Entry(ino.nodeid, 0, attr)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         if nodeid == ROOT_ID:
@@ -235,20 +250,68 @@ class PassthroughFs:
                     mode=rec.mode, nlink=st.st_nlink, uid=rec.uid, gid=rec.gid,
                     rdev=rec.rdev, blksize=st.st_blksize)
 
-    def _new_record(self, ctx: Ctx, parent: Inode, mode: int, rdev: int = 0) -> Record:
-        """Owner of a new object: the caller, or the parent's group under a setgid
+    def _new_record(self, ctx: Ctx, parent: Inode, mode: int, rdev: int = 0,
+                    umask: int = 0) -> tuple[Record, dict[bytes, bytes]]:
+        """Owner, mode and inherited ACL xattrs of a new object.
+
+        The owner is the caller, or the parent's group under a setgid
         directory (which new subdirectories inherit) — POSIX semantics the host
-        kernel cannot supply since it sees only the daemon's user."""
+        kernel cannot supply since it sees only the daemon's user.  With a
+        default ACL on the parent, the new object's mode and access ACL come
+        from it and the umask is not applied (posix_acl_create); otherwise the
+        umask is (FUSE_DONT_MASK hands it to us; 0 when the guest applied it)."""
         prec = self._effective(parent, os.fstat(parent.fd))
+        kind = stat.S_IFMT(mode)
         gid, perm = ctx.gid, mode & 0o7777
         if prec.mode & stat.S_ISGID:
             gid = prec.gid
-            if stat.S_ISDIR(mode):
+            if kind == stat.S_IFDIR:
                 perm |= stat.S_ISGID
+        xattrs: dict[bytes, bytes] = {}
+        default = self._default_acl(parent) if kind != stat.S_IFLNK else None
+        if default is not None:
+            perm, access = pacl.create_masq(default, perm)
+            if access is not None:
+                xattrs[self._acl_access] = pacl.encode(access)
+            if kind == stat.S_IFDIR:
+                xattrs[self._acl_default] = pacl.encode(default)
+        elif kind != stat.S_IFLNK:
+            perm &= ~(umask & 0o777)
         major = minor = 0
-        if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
             major, minor = os.major(rdev), os.minor(rdev)
-        return Record(ctx.uid, gid, stat.S_IFMT(mode) | perm, major, minor)
+        return Record(ctx.uid, gid, kind | perm, major, minor), xattrs
+
+    def _default_acl(self, parent: Inode) -> list | None:
+        if not self.posix_acl:
+            return None
+        value = self._xget(parent, self._acl_default)
+        if not value:
+            return None
+        try:
+            entries = pacl.parse(value)
+        except OSError as e:
+            log.warning("inode %d: ignoring malformed default ACL: %s", parent.nodeid, e)
+            return None
+        return entries or None
+
+    # ------------------------------------------------------------------
+    # Host xattrs (the names here are host names, already mapped)
+    # ------------------------------------------------------------------
+    def _xget(self, ino: Inode, host_name: bytes) -> bytes | None:
+        try:
+            return os.getxattr(proc_fd(ino.fd), host_name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                return None
+            raise
+
+    def _xremove(self, ino: Inode, host_name: bytes) -> None:
+        try:
+            os.removexattr(proc_fd(ino.fd), host_name)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -257,11 +320,16 @@ class PassthroughFs:
     # ------------------------------------------------------------------
     # Creating objects
     # ------------------------------------------------------------------
-    def _make_file(self, parent: Inode, name: bytes, rec: Record, content: bytes = b"") -> int:
-        """Create a regular host file holding `content` and `rec`, atomically where
-        the host allows it; returns an O_RDWR fd of the new, named file."""
+    def _make_file(self, parent: Inode, name: bytes | None, rec: Record, content: bytes = b"",
+                   xattrs: dict[bytes, bytes] | None = None) -> int:
+        """Create a regular host file holding `content`, `rec` and `xattrs`,
+        atomically where the host allows it; returns an O_RDWR fd of the new
+        file, named `name` (or left unnamed, an O_TMPFILE, for name None)."""
         mode = ownership.host_mode_for(rec.mode)
         value = ownership.encode(rec, self.key, name=self._record_name_b)
+        xattrs = xattrs or {}
+        if name is None and not self._tmpfile_ok:
+            raise OSError(errno.EOPNOTSUPP, "host filesystem has no O_TMPFILE")
         if self._tmpfile_ok:
             try:
                 fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
@@ -277,8 +345,11 @@ class PassthroughFs:
                     os.fchmod(fd, mode)
                     if content:
                         os.write(fd, content)
+                    for xname, xvalue in xattrs.items():
+                        os.setxattr(fd, xname, xvalue)
                     os.setxattr(fd, self.record_name, value)
-                    syscalls.link_fd(fd, parent.fd, name)
+                    if name is not None:
+                        syscalls.link_fd(fd, parent.fd, name)
                     return fd
                 except BaseException:
                     os.close(fd)
@@ -289,6 +360,8 @@ class PassthroughFs:
                      0o600, dir_fd=parent.fd)
         try:
             os.setxattr(fd, self.record_name, value)
+            for xname, xvalue in xattrs.items():
+                os.setxattr(fd, xname, xvalue)
             os.fchmod(fd, mode)
             if content:
                 os.write(fd, content)
@@ -308,10 +381,10 @@ class PassthroughFs:
         return ino
 
     def _create_special(self, ctx: Ctx, parent_id: int, name: bytes, rec: Record,
-                        content: bytes = b"") -> Entry:
+                        content: bytes = b"", xattrs: dict[bytes, bytes] | None = None) -> Entry:
         self._check_writable()
         parent = self._inode(parent_id)
-        fd = self._make_file(parent, name, rec, content)
+        fd = self._make_file(parent, name, rec, content, xattrs)
         try:
             ino = self._adopt_new(fd, rec)
         finally:
@@ -325,7 +398,7 @@ class PassthroughFs:
         parent = self._inode(parent_id)
         fd, st = self._open_child(parent, name)
         ino = self._adopt(fd, st)
-        return self._entry(ino, st)
+        return self._entry(ino, st, parent)
 
     def getattr(self, ctx: Ctx, nodeid: int, fh: int | None) -> Attr:
         return self._attr(self._inode(nodeid))
@@ -353,11 +426,25 @@ class PassthroughFs:
                     new = new.with_mode(ch.mode)
                 if ch.kill_suidgid:
                     new = new.without_suid_sgid()
+                    self._xremove_quiet(ino, self._caps, st)
                 if new != old or self._load_record(ino, st) is None:
                     self._store_record(ino, new, st)
+                if ch.mode is not None and self.posix_acl:
+                    self._chmod_acl(ino, new.mode)
             if ch.atime_ns is not None or ch.mtime_ns is not None:
                 syscalls.utimensat(syscalls.AT_FDCWD, proc_fd(ino.fd), ch.atime_ns, ch.mtime_ns)
             return self._attr(ino)
+
+    def _xremove_quiet(self, ino: Inode, host_name: bytes, st: os.stat_result) -> None:
+        if stat.S_IFMT(st.st_mode) in _HOST_RECORD_TYPES:
+            self._xremove(ino, host_name)
+
+    def _chmod_acl(self, ino: Inode, mode: int) -> None:
+        """chmod rewrites the access ACL's owner/mask/other entries (posix_acl_chmod)."""
+        value = self._xget(ino, self._acl_access)
+        if value:
+            acl = pacl.chmod(pacl.parse(value), mode)
+            os.setxattr(proc_fd(ino.fd), self._acl_access, pacl.encode(acl))
 
     def readlink(self, ctx: Ctx, nodeid: int) -> bytes:
         ino = self._inode(nodeid)
@@ -376,7 +463,7 @@ class PassthroughFs:
         return target
 
     def symlink(self, ctx: Ctx, parent_id: int, name: bytes, target: bytes) -> Entry:
-        rec = self._new_record(ctx, self._inode(parent_id), stat.S_IFLNK | 0o777)
+        rec, _ = self._new_record(ctx, self._inode(parent_id), stat.S_IFLNK | 0o777)
         return self._create_special(ctx, parent_id, name, rec, target)
 
     def mknod(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, rdev: int,
@@ -387,13 +474,13 @@ class PassthroughFs:
         elif kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
                           stat.S_IFSOCK):
             raise OSError(errno.EINVAL, "mknod of this file type")
-        rec = self._new_record(ctx, self._inode(parent_id), mode, rdev)
-        return self._create_special(ctx, parent_id, name, rec)
+        rec, xattrs = self._new_record(ctx, self._inode(parent_id), mode, rdev, umask)
+        return self._create_special(ctx, parent_id, name, rec, xattrs=xattrs)
 
     def mkdir(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, umask: int) -> Entry:
         self._check_writable()
         parent = self._inode(parent_id)
-        rec = self._new_record(ctx, parent, stat.S_IFDIR | (mode & 0o7777))
+        rec, xattrs = self._new_record(ctx, parent, stat.S_IFDIR | (mode & 0o7777), umask=umask)
         # A directory cannot be made as O_TMPFILE; until its record lands it
         # shows the default owner with a 0700 host mode, never more.
         os.mkdir(name, 0o700, dir_fd=parent.fd)
@@ -403,6 +490,8 @@ class PassthroughFs:
             st = os.fstat(fd)
             ino = self._adopt(fd, st)
             with ino.lock:
+                for xname, xvalue in xattrs.items():
+                    os.setxattr(proc_fd(fd), xname, xvalue)
                 self._store_record(ino, rec, st)
         except BaseException:
             try:
@@ -423,14 +512,36 @@ class PassthroughFs:
     def rename(self, ctx: Ctx, parent_id: int, name: bytes, newparent_id: int, newname: bytes,
                flags: int) -> None:
         self._check_writable()
-        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
-            # RENAME_WHITEOUT would need a host character device (CAP_MKNOD).
+        known = syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE | syscalls.RENAME_WHITEOUT
+        if flags & ~known:
             raise OSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
         src, dst = self._inode(parent_id), self._inode(newparent_id)
-        if flags:
+        if flags & syscalls.RENAME_WHITEOUT:
+            self._rename_whiteout(ctx, src, name, dst, newname, flags)
+        elif flags:
             syscalls.renameat2(src.fd, name, dst.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+
+    def _rename_whiteout(self, ctx: Ctx, src: Inode, name: bytes, dst: Inode, newname: bytes,
+                         flags: int) -> None:
+        """RENAME_WHITEOUT (overlayfs): the source name becomes a whiteout, a
+        character device 0/0 — which the host would only let CAP_MKNOD make,
+        so it is a regular file whose record says so, made unnamed first and
+        linked at the old name right after the rename."""
+        if flags & syscalls.RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "RENAME_WHITEOUT with RENAME_EXCHANGE")
+        rec = Record(ctx.uid, ctx.gid, stat.S_IFCHR)
+        fd = self._make_file(src, None, rec)
+        try:
+            syscalls.renameat2(src.fd, name, dst.fd, newname, flags & ~syscalls.RENAME_WHITEOUT)
+            try:
+                syscalls.link_fd(fd, src.fd, name)
+            except OSError:
+                syscalls.renameat2(dst.fd, newname, src.fd, name, syscalls.RENAME_NOREPLACE)
+                raise
+        finally:
+            os.close(fd)
 
     def link(self, ctx: Ctx, nodeid: int, newparent_id: int, newname: bytes) -> Entry:
         self._check_writable()
@@ -506,9 +617,9 @@ class PassthroughFs:
                flags: int) -> tuple[Entry, Opened]:
         self._check_writable()
         parent = self._inode(parent_id)
-        rec = self._new_record(ctx, parent, stat.S_IFREG | (mode & 0o7777))
+        rec, xattrs = self._new_record(ctx, parent, stat.S_IFREG | (mode & 0o7777), umask=umask)
         try:
-            fd = self._make_file(parent, name, rec)
+            fd = self._make_file(parent, name, rec, xattrs=xattrs)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -553,6 +664,7 @@ class PassthroughFs:
                 cleared = rec.without_suid_sgid()
                 if cleared != rec:
                     self._store_record(ino, cleared, st)
+            self._xremove_quiet(ino, self._caps, st)
 
     def release(self, ctx: Ctx, nodeid: int, fh: int) -> None:
         with self._lock:
@@ -632,3 +744,106 @@ class PassthroughFs:
     def fsyncdir(self, ctx: Ctx, nodeid: int, fh: int, datasync: bool) -> None:
         fd = self._handle(fh, is_dir=True).fd
         (os.fdatasync if datasync else os.fsync)(fd)
+
+    # ------------------------------------------------------------------
+    # Operations: guest xattrs (names mapped by ownership.XattrNames)
+    # ------------------------------------------------------------------
+    def getxattr(self, ctx: Ctx, nodeid: int, name: bytes) -> bytes:
+        ino = self._inode(nodeid)
+        host = self.names.guest_to_host(name)
+        try:
+            return os.getxattr(proc_fd(ino.fd), host)
+        except OSError as e:
+            if e.errno == errno.EPERM:  # host special files take no user.* xattrs
+                raise OSError(errno.ENODATA, "no such attribute") from None
+            raise
+
+    def listxattr(self, ctx: Ctx, nodeid: int) -> list[bytes]:
+        ino = self._inode(nodeid)
+        names = [os.fsencode(n) for n in os.listxattr(proc_fd(ino.fd))]
+        return self.names.filter_list(names)
+
+    def setxattr(self, ctx: Ctx, nodeid: int, name: bytes, value: bytes, flags: int,
+                 acl_kill_sgid: bool = False) -> None:
+        self._check_writable()
+        ino = self._inode(nodeid)
+        host = self.names.guest_to_host(name)
+        if name == pacl.ACCESS and self.posix_acl:
+            self._set_access_acl(ino, value, flags, acl_kill_sgid)
+            return
+        if name == pacl.DEFAULT and self.posix_acl and value:
+            pacl.parse(value)  # refuse what could not be inherited later
+        os.setxattr(proc_fd(ino.fd), host, value, flags)
+
+    def _set_access_acl(self, ino: Inode, value: bytes, flags: int, kill_sgid: bool) -> None:
+        """Setting the access ACL also sets the mode it implies, and an ACL that
+        says no more than the mode is not stored (posix_acl_update_mode)."""
+        entries = pacl.parse(value)
+        with ino.lock:
+            st = os.fstat(ino.fd)
+            exists = self._xget(ino, self._acl_access) is not None
+            if flags & XATTR_CREATE and exists:
+                raise OSError(errno.EEXIST, "ACL exists")
+            if flags & XATTR_REPLACE and not exists:
+                raise OSError(errno.ENODATA, "no ACL")
+            rec = self._effective(ino, st)
+            mode, equivalent = pacl.equiv_mode(entries, rec.mode)
+            if kill_sgid:
+                mode &= ~stat.S_ISGID
+            if equivalent:
+                self._xremove(ino, self._acl_access)
+            else:
+                os.setxattr(proc_fd(ino.fd), self._acl_access, value)
+            if mode != rec.mode or self._load_record(ino, st) is None:
+                self._store_record(ino, rec.with_mode(mode), st)
+
+    def removexattr(self, ctx: Ctx, nodeid: int, name: bytes) -> None:
+        self._check_writable()
+        ino = self._inode(nodeid)
+        os.removexattr(proc_fd(ino.fd), self.names.guest_to_host(name))
+
+    # ------------------------------------------------------------------
+    # Operations: file space and copies
+    # ------------------------------------------------------------------
+    def fallocate(self, ctx: Ctx, nodeid: int, fh: int, offset: int, length: int,
+                  mode: int) -> None:
+        self._check_writable()
+        syscalls.fallocate(self._handle(fh).fd, mode, offset, length)
+
+    def lseek(self, ctx: Ctx, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            # The guest kernel resolves SEEK_SET/CUR/END itself.
+            raise OSError(errno.EINVAL, "only SEEK_DATA/SEEK_HOLE are passed on")
+        return os.lseek(self._handle(fh).fd, offset, whence)
+
+    def copy_file_range(self, ctx: Ctx, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                        length: int, flags: int) -> int:
+        self._check_writable()
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length,
+                                  off_in, off_out)
+
+    def syncfs(self, ctx: Ctx, nodeid: int) -> None:
+        syscalls.syncfs(self._syncfs_fd)
+
+    def tmpfile(self, ctx: Ctx, parent_id: int, mode: int, umask: int,
+                flags: int) -> tuple[Entry, Opened]:
+        """O_TMPFILE in the guest: an unnamed host O_TMPFILE with its record;
+        a later LINK gives it a name."""
+        self._check_writable()
+        parent = self._inode(parent_id)
+        rec, xattrs = self._new_record(ctx, parent, stat.S_IFREG | (mode & 0o7777), umask=umask)
+        fd = self._make_file(parent, None, rec, xattrs=xattrs)
+        try:
+            ino = self._adopt_new(fd, rec)
+            hfd = os.open(proc_fd(fd), self._host_open_flags(flags))
+        finally:
+            os.close(fd)
+        return self._entry(ino), Opened(self._new_handle(hfd, ino.nodeid))
+
+    def close(self) -> None:
+        """Release every fd (for tests and embedding; the daemon just exits)."""
+        self.destroy()
+        for fd in (self._by_id[ROOT_ID].fd, self._syncfs_fd):
+            os.close(fd)

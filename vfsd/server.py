@@ -16,7 +16,7 @@ import os
 import stat
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from protocol import fuse
@@ -103,6 +103,11 @@ class FuseServer:
             fuse.Opcode.RELEASEDIR: self._releasedir,
             fuse.Opcode.FSYNCDIR: self._fsyncdir,
             fuse.Opcode.ACCESS: self._access,
+            fuse.Opcode.FALLOCATE: self._fallocate,
+            fuse.Opcode.LSEEK: self._lseek,
+            fuse.Opcode.COPY_FILE_RANGE: self._copy_file_range,
+            fuse.Opcode.SYNCFS: self._syncfs,
+            fuse.Opcode.TMPFILE: self._tmpfile,
             fuse.Opcode.INTERRUPT: self._interrupt,
             fuse.Opcode.DESTROY: self._destroy,
         }
@@ -222,11 +227,14 @@ class FuseServer:
                     atime=asec, mtime=msec, ctime=csec,
                     atimensec=ans, mtimensec=mns, ctimensec=cns,
                     mode=a.mode, nlink=a.nlink, uid=a.uid, gid=a.gid,
-                    rdev=rdev & 0xFFFFFFFF, blksize=a.blksize, flags=0)
+                    rdev=rdev & 0xFFFFFFFF, blksize=a.blksize,
+                    flags=fuse.ATTR_SUBMOUNT if a.submount else 0)
 
     def _entry_fields(self, e: Entry | None) -> dict:
         if e is None:  # readdirplus "." / ".." / vanished: nodeid 0 is ignored
             return {}
+        if e.attr.submount and not self.flags & fuse.InitFlag.SUBMOUNTS:
+            e = Entry(e.nodeid, e.generation, replace(e.attr, submount=False))
         return dict(nodeid=e.nodeid, generation=e.generation,
                     entry_valid=self._entry_valid[0], entry_valid_nsec=self._entry_valid[1],
                     attr_valid=self._attr_valid[0], attr_valid_nsec=self._attr_valid[1],
@@ -275,6 +283,17 @@ class FuseServer:
             wanted |= F.DO_READDIRPLUS | F.READDIRPLUS_AUTO
         if self.opts.writeback:
             wanted |= F.WRITEBACK_CACHE
+        if self.opts.xattr and self.opts.posix_acl:
+            # The guest kernel enforces ACLs and hands us the umask
+            # (DONT_MASK) so that default ACLs can replace it; SETXATTR_EXT
+            # carries FUSE_SETXATTR_ACL_KILL_SGID.
+            wanted |= F.POSIX_ACL | F.DONT_MASK | F.SETXATTR_EXT
+        if self.opts.killpriv_v2:
+            wanted |= F.HANDLE_KILLPRIV_V2
+        if self.opts.announce_submounts:
+            wanted |= F.SUBMOUNTS
+        if self.opts.allow_mmap:
+            wanted |= F.DIRECT_IO_ALLOW_MMAP
         flags = int(wanted) & offered
         minor = min(arg.minor, fuse.KERNEL_MINOR_VERSION)
         if self.initialized:
@@ -286,6 +305,7 @@ class FuseServer:
             self.flags = flags
             self.proto_minor = minor
             self.initialized = True
+            self._install_xattr_handlers(bool(self.opts.xattr))
         log.info("INIT: guest FUSE 7.%d, replying 7.%d; flags offered %#x, accepted %#x",
                  arg.minor, minor, offered, flags)
         return fuse.fuse_init_out.pack(
@@ -295,6 +315,21 @@ class FuseServer:
             max_write=self.opts.max_write, time_gran=1,
             max_pages=self.opts.max_pages if flags & F.MAX_PAGES else 0,
         )
+
+    def _install_xattr_handlers(self, on: bool) -> None:
+        ops = {fuse.Opcode.GETXATTR: self._getxattr, fuse.Opcode.SETXATTR: self._setxattr,
+               fuse.Opcode.LISTXATTR: self._listxattr,
+               fuse.Opcode.REMOVEXATTR: self._removexattr}
+        for op, fn in ops.items():
+            if on:
+                self._handlers[op] = fn
+            else:  # --no-xattr: ENOSYS, and the guest kernel stops asking
+                self._handlers.pop(op, None)
+
+    def _umask(self, umask: int) -> int:
+        """The umask the filesystem must apply: only with DONT_MASK, else the
+        guest kernel has applied it already."""
+        return umask if self.flags & fuse.InitFlag.DONT_MASK else 0
 
     def reset(self) -> None:
         """The device was reset or the frontend left: end the session."""
@@ -360,7 +395,10 @@ class FuseServer:
             atime_ns=when(V.ATIME, V.ATIME_NOW, a.atime, a.atimensec),
             mtime_ns=when(V.MTIME, V.MTIME_NOW, a.mtime, a.mtimensec),
             fh=a.fh if v & V.FH else None,
-            kill_suidgid=bool(v & V.KILL_SUIDGID),
+            # HANDLE_KILLPRIV_V2: the server clears suid/sgid/caps on chown
+            # itself, and on truncate when the kernel flags it.
+            kill_suidgid=bool(v & V.KILL_SUIDGID) or bool(
+                self.flags & fuse.InitFlag.HANDLE_KILLPRIV_V2 and v & (V.UID | V.GID)),
         )
         return self._attr_out(self.fs.setattr(ctx, nodeid, changes))
 
@@ -382,12 +420,12 @@ class FuseServer:
         # fuse_mknod_in.rdev is new_encode_dev(): major in bits 8-19, minor
         # in bits 0-7 and 20-31.
         rdev = os.makedev((a.rdev & 0xFFF00) >> 8, (a.rdev & 0xFF) | ((a.rdev >> 12) & 0xFFF00))
-        return self._entry(self.fs.mknod(ctx, nodeid, name, a.mode, rdev, a.umask))
+        return self._entry(self.fs.mknod(ctx, nodeid, name, a.mode, rdev, self._umask(a.umask)))
 
     def _mkdir(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_mkdir_in.unpack(reader.read(fuse.fuse_mkdir_in.size))
         name = _parse_names(reader, 1)[0]
-        return self._entry(self.fs.mkdir(ctx, nodeid, name, a.mode, a.umask))
+        return self._entry(self.fs.mkdir(ctx, nodeid, name, a.mode, self._umask(a.umask)))
 
     def _unlink(self, ctx, nodeid, reader, writer) -> bytes:
         self.fs.unlink(ctx, nodeid, _parse_names(reader, 1)[0])
@@ -436,7 +474,15 @@ class FuseServer:
     def _create(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_create_in.unpack(reader.read(fuse.fuse_create_in.size))
         name = _parse_names(reader, 1)[0]
-        entry, o = self.fs.create(ctx, nodeid, name, a.mode, a.umask, a.flags)
+        entry, o = self.fs.create(ctx, nodeid, name, a.mode, self._umask(a.umask), a.flags)
+        return self._entry(entry) + fuse.fuse_open_out.pack(
+            fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
+
+    def _tmpfile(self, ctx, nodeid, reader, writer) -> bytes:
+        # FUSE_TMPFILE (7.37) carries fuse_create_in and a name the kernel
+        # makes up; the object stays unnamed until a LINK.
+        a = fuse.fuse_create_in.unpack(reader.read(fuse.fuse_create_in.size))
+        entry, o = self.fs.tmpfile(ctx, nodeid, a.mode, self._umask(a.umask), a.flags)
         return self._entry(entry) + fuse.fuse_open_out.pack(
             fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
 
@@ -510,6 +556,71 @@ class FuseServer:
             out += d.name
             out += b"\0" * (reclen - hdr - len(d.name))
         return bytes(out)
+
+    # ------------------------------------------------------------------
+    # Extended attributes
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _sized_reply(data: bytes, size: int) -> bytes:
+        """getxattr/listxattr: size 0 asks for the length, a short buffer is ERANGE."""
+        if size == 0:
+            return fuse.fuse_getxattr_out.pack(size=len(data))
+        if len(data) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return data
+
+    def _getxattr(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_getxattr_in.unpack(reader.read(fuse.fuse_getxattr_in.size))
+        name = _parse_strings(reader, 1)[0]
+        return self._sized_reply(self.fs.getxattr(ctx, nodeid, name), a.size)
+
+    def _listxattr(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_getxattr_in.unpack(reader.read(fuse.fuse_getxattr_in.size))
+        names = self.fs.listxattr(ctx, nodeid)
+        return self._sized_reply(b"".join(n + b"\0" for n in names), a.size)
+
+    def _setxattr(self, ctx, nodeid, reader, writer) -> bytes:
+        # Without SETXATTR_EXT the kernel sends the 8-byte compat struct.
+        ext = bool(self.flags & fuse.InitFlag.SETXATTR_EXT)
+        raw = reader.read(fuse.fuse_setxattr_in.size if ext else fuse.COMPAT_SETXATTR_IN_SIZE)
+        a = fuse.fuse_setxattr_in.unpack(raw.ljust(fuse.fuse_setxattr_in.size, b"\0"))
+        rest = reader.read(reader.remaining)
+        end = rest.find(b"\0")
+        if end < 0:
+            raise ProtocolError("xattr name is not NUL-terminated")
+        name, value = rest[:end], rest[end + 1:]
+        if len(value) != a.size:
+            raise ProtocolError(f"SETXATTR says {a.size} value bytes, carries {len(value)}")
+        self.fs.setxattr(ctx, nodeid, name, value, a.flags,
+                         acl_kill_sgid=bool(a.setxattr_flags & fuse.SETXATTR_ACL_KILL_SGID))
+        return b""
+
+    def _removexattr(self, ctx, nodeid, reader, writer) -> bytes:
+        self.fs.removexattr(ctx, nodeid, _parse_strings(reader, 1)[0])
+        return b""
+
+    # ------------------------------------------------------------------
+    # File space, copies, sync
+    # ------------------------------------------------------------------
+    def _fallocate(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_fallocate_in.unpack(reader.read(fuse.fuse_fallocate_in.size))
+        self.fs.fallocate(ctx, nodeid, a.fh, a.offset, a.length, a.mode)
+        return b""
+
+    def _lseek(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_lseek_in.unpack(reader.read(fuse.fuse_lseek_in.size))
+        return fuse.fuse_lseek_out.pack(
+            offset=self.fs.lseek(ctx, nodeid, a.fh, a.offset, a.whence))
+
+    def _copy_file_range(self, ctx, nodeid, reader, writer) -> bytes:
+        a = fuse.fuse_copy_file_range_in.unpack(reader.read(fuse.fuse_copy_file_range_in.size))
+        n = self.fs.copy_file_range(ctx, a.fh_in, a.off_in, a.fh_out, a.off_out,
+                                    min(a.len, 0xFFFFFFFF), a.flags)
+        return fuse.fuse_write_out.pack(size=n)  # fuse_write_out.size is a u32
+
+    def _syncfs(self, ctx, nodeid, reader, writer) -> bytes:
+        self.fs.syncfs(ctx, nodeid)
+        return b""
 
     def _releasedir(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_release_in.unpack(reader.read(fuse.fuse_release_in.size))

@@ -186,3 +186,155 @@ def test_rename_link_unlink_forget(s, tmp_path):
 def test_statfs(s):
     st = fuse.fuse_statfs_out.unpack(s.ok(fuse.Opcode.STATFS, 1)).st
     assert st.bsize > 0 and st.namelen == 255
+
+
+# ----------------------------------------------------------------------------
+# Issue 3: xattrs through the escaping map, ACLs, whiteouts, tmpfiles, space
+# ----------------------------------------------------------------------------
+def setxattr(s, nodeid, name, value, flags=0, setxattr_flags=0):
+    return s.call(fuse.Opcode.SETXATTR, nodeid, fuse.fuse_setxattr_in.pack(
+        size=len(value), flags=flags, setxattr_flags=setxattr_flags),
+        extra=[name + b"\0", value])[0]
+
+
+def getxattr(s, nodeid, name, size=4096):
+    return s.call(fuse.Opcode.GETXATTR, nodeid, fuse.fuse_getxattr_in.pack(size=size),
+                  extra=[name + b"\0"])
+
+
+def listxattr(s, nodeid, size=4096):
+    err, body = s.call(fuse.Opcode.LISTXATTR, nodeid, fuse.fuse_getxattr_in.pack(size=size))
+    return err, body
+
+
+def mkfile(s, name, mode=0o644):
+    return s.entry(s.ok(fuse.Opcode.MKNOD, 1, fuse.fuse_mknod_in.pack(mode=stat.S_IFREG | mode),
+                        extra=[name + b"\0"]))
+
+
+def test_xattr_names_are_escaped_on_the_host(s, tmp_path):
+    e = mkfile(s, b"f")
+    host = tmp_path / "share" / "f"
+    for name, value in [(b"user.o", b"nested record"), (b"user.o.x", b"1"),
+                        (b"trusted.overlay.opaque", b"y"), (b"security.selinux", b"lbl"),
+                        (b"user.plain", b"p")]:
+        assert setxattr(s, e.nodeid, name, value) == 0, name
+        err, body = getxattr(s, e.nodeid, name)
+        assert err == 0 and body == value
+    on_host = set(os.listxattr(host))
+    assert on_host == {"user.o", "user.o.o", "user.o.o.x", "user.o.trusted.overlay.opaque",
+                       "user.o.security.selinux", "user.plain"}
+    assert ownership.decode(os.getxattr(host, "user.o")).uid == UID  # the real record intact
+    err, body = listxattr(s, e.nodeid)
+    assert sorted(body.split(b"\0")[:-1]) == sorted(
+        [b"user.o", b"user.o.x", b"trusted.overlay.opaque", b"security.selinux", b"user.plain"])
+    err, body = listxattr(s, e.nodeid, size=0)
+    assert fuse.fuse_getxattr_out.unpack(body).size == len(listxattr(s, e.nodeid)[1])
+    assert listxattr(s, e.nodeid, size=5)[0] == errno.ERANGE
+    assert getxattr(s, e.nodeid, b"user.plain", size=0)[1] == fuse.fuse_getxattr_out.pack(size=1)
+    assert getxattr(s, e.nodeid, b"user.nope")[0] == errno.ENODATA
+    assert getxattr(s, e.nodeid, b"system.foo")[0] == errno.EOPNOTSUPP
+    assert setxattr(s, e.nodeid, b"user." + b"a" * 251, b"") == errno.ERANGE  # 256 bytes
+    assert setxattr(s, e.nodeid, b"user.plain", b"q", flags=os.XATTR_CREATE) == errno.EEXIST
+    assert setxattr(s, e.nodeid, b"user.new", b"q", flags=os.XATTR_REPLACE) == errno.ENODATA
+    assert s.call(fuse.Opcode.REMOVEXATTR, e.nodeid, extra=[b"user.o\0"])[0] == 0
+    assert "user.o.o" not in os.listxattr(host) and "user.o" in os.listxattr(host)
+
+
+def test_setxattr_lying_size(s):
+    e = mkfile(s, b"f")
+    err, _ = s.call(fuse.Opcode.SETXATTR, e.nodeid, fuse.fuse_setxattr_in.pack(size=100),
+                    extra=[b"user.a\0", b"short"])
+    assert err == errno.EINVAL
+
+
+def acl(*entries):
+    from vfsd import posix_acl as pa
+    return pa.encode([pa.AclEntry(*e) for e in entries])
+
+
+def test_access_acl_sets_mode_and_chmod_updates_acl(s, tmp_path):
+    from vfsd import posix_acl as pa
+    e = mkfile(s, b"f", 0o644)
+    value = acl((pa.ACL_USER_OBJ, 6), (pa.ACL_USER, 6, 1234), (pa.ACL_GROUP_OBJ, 4),
+                (pa.ACL_MASK, 6), (pa.ACL_OTHER, 0))
+    assert setxattr(s, e.nodeid, pa.ACCESS, value) == 0
+    a = fuse.fuse_attr_out.unpack(s.ok(fuse.Opcode.GETATTR, e.nodeid)).attr
+    assert a.mode & 0o777 == 0o660  # group bits from the mask
+    s.ok(fuse.Opcode.SETATTR, e.nodeid, fuse.fuse_setattr_in.pack(
+        valid=fuse.SetattrValid.MODE, mode=0o640))
+    got = pa.parse(getxattr(s, e.nodeid, pa.ACCESS)[1])
+    assert {x.tag: x.perm for x in got}[pa.ACL_MASK] == 4
+    # an ACL equivalent to the mode is not stored; it just sets the mode
+    assert setxattr(s, e.nodeid, pa.ACCESS, acl((pa.ACL_USER_OBJ, 7), (pa.ACL_GROUP_OBJ, 5),
+                                                 (pa.ACL_OTHER, 1))) == 0
+    assert getxattr(s, e.nodeid, pa.ACCESS)[0] == errno.ENODATA
+    a = fuse.fuse_attr_out.unpack(s.ok(fuse.Opcode.GETATTR, e.nodeid)).attr
+    assert a.mode & 0o777 == 0o751
+
+
+def test_default_acl_inherited_and_umask(s):
+    from vfsd import posix_acl as pa
+    d = s.entry(s.ok(fuse.Opcode.MKDIR, 1, fuse.fuse_mkdir_in.pack(mode=0o777, umask=0o022),
+                     extra=[b"d\0"]))
+    assert d.attr.mode & 0o777 == 0o755  # DONT_MASK: the server applied the umask
+    default = acl((pa.ACL_USER_OBJ, 7), (pa.ACL_USER, 7, 1234), (pa.ACL_GROUP_OBJ, 5),
+                  (pa.ACL_MASK, 7), (pa.ACL_OTHER, 5))
+    assert setxattr(s, d.nodeid, pa.DEFAULT, default) == 0
+    f = s.entry(s.ok(fuse.Opcode.MKNOD, d.nodeid, fuse.fuse_mknod_in.pack(
+        mode=stat.S_IFREG | 0o666, umask=0o077), extra=[b"f\0"]))
+    assert f.attr.mode & 0o777 == 0o664  # umask ignored, mask limits group
+    got = {(x.tag, x.id): x.perm for x in pa.parse(getxattr(s, f.nodeid, pa.ACCESS)[1])}
+    assert got[(pa.ACL_USER, 1234)] == 7 and got[(pa.ACL_MASK, pa.ACL_UNDEFINED_ID)] == 6
+    sub = s.entry(s.ok(fuse.Opcode.MKDIR, d.nodeid, fuse.fuse_mkdir_in.pack(mode=0o777),
+                       extra=[b"sub\0"]))
+    assert getxattr(s, sub.nodeid, pa.DEFAULT)[1] == default
+
+
+def test_rename_whiteout(s, tmp_path):
+    mkfile(s, b"a")
+    s.ok(fuse.Opcode.RENAME2, 1, fuse.fuse_rename2_in.pack(newdir=1, flags=4),
+         extra=[b"a\0b\0"])
+    w = s.entry(s.ok(fuse.Opcode.LOOKUP, 1, extra=[b"a\0"]))
+    assert stat.S_ISCHR(w.attr.mode) and w.attr.rdev == 0
+    assert stat.S_ISREG(os.lstat(tmp_path / "share" / "a").st_mode)
+    assert (tmp_path / "share" / "b").exists()
+
+
+def test_tmpfile_then_link(s, tmp_path):
+    body = s.ok(fuse.Opcode.TMPFILE, 1, fuse.fuse_create_in.pack(
+        flags=os.O_RDWR | os.O_TMPFILE, mode=stat.S_IFREG | 0o600), extra=[b"tmp\0"])
+    e = s.entry(body)
+    assert e.attr.nlink == 0 and os.listdir(tmp_path / "share") == []
+    s.ok(fuse.Opcode.LINK, 1, fuse.fuse_link_in.pack(oldnodeid=e.nodeid), extra=[b"named\0"])
+    assert record(tmp_path / "share" / "named").uid == UID
+
+
+def test_fallocate_lseek_copy_file_range_syncfs(s, tmp_path):
+    body = s.ok(fuse.Opcode.CREATE, 1, fuse.fuse_create_in.pack(
+        flags=os.O_RDWR, mode=stat.S_IFREG | 0o644), extra=[b"sparse\0"])
+    e, fh = s.entry(body), fuse.fuse_open_out.unpack(body[128:144]).fh
+    big = 5 << 30  # past 4 GiB
+    s.ok(fuse.Opcode.WRITE, e.nodeid, fuse.fuse_write_in.pack(fh=fh, offset=big, size=4),
+         extra=[b"tail"])
+    s.ok(fuse.Opcode.WRITE, e.nodeid, fuse.fuse_write_in.pack(fh=fh, offset=0, size=4096),
+         extra=[b"d" * 4096])
+    blocks = os.stat(tmp_path / "share" / "sparse").st_blocks
+    s.ok(fuse.Opcode.FALLOCATE, e.nodeid, fuse.fuse_fallocate_in.pack(
+        fh=fh, offset=1 << 20, length=1 << 20, mode=0))
+    assert os.stat(tmp_path / "share" / "sparse").st_blocks >= blocks + 2048
+    off = fuse.fuse_lseek_out.unpack(s.ok(fuse.Opcode.LSEEK, e.nodeid, fuse.fuse_lseek_in.pack(
+        fh=fh, offset=8192, whence=os.SEEK_DATA))).offset
+    assert off >= big - 4096 and off <= big
+    hole = fuse.fuse_lseek_out.unpack(s.ok(fuse.Opcode.LSEEK, e.nodeid, fuse.fuse_lseek_in.pack(
+        fh=fh, offset=0, whence=os.SEEK_HOLE))).offset
+    assert hole == 4096
+    body2 = s.ok(fuse.Opcode.CREATE, 1, fuse.fuse_create_in.pack(
+        flags=os.O_RDWR, mode=stat.S_IFREG | 0o644), extra=[b"copy\0"])
+    fh2 = fuse.fuse_open_out.unpack(body2[128:144]).fh
+    n = fuse.fuse_write_out.unpack(s.ok(fuse.Opcode.COPY_FILE_RANGE, e.nodeid,
+                                        fuse.fuse_copy_file_range_in.pack(
+        fh_in=fh, off_in=big, fh_out=fh2, off_out=0, len=4))).size
+    assert n == 4 and (tmp_path / "share" / "copy").read_bytes() == b"tail"
+    assert os.stat(tmp_path / "share" / "sparse").st_size == big + 4
+    s.ok(fuse.Opcode.SYNCFS, 1, fuse.fuse_syncfs_in.pack())

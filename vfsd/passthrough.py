@@ -58,6 +58,9 @@ class Inode:
     record: Record | None = None
     record_loaded: bool = False
     bad_record_logged: bool = False
+    # fds replaced by _materialize, closed with the node (another thread may
+    # still be using the number, which must not be reused under it)
+    retired_fds: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -99,6 +102,7 @@ class PassthroughFs:
         self._by_id[ROOT_ID] = root
         self._by_key[root.key] = root
         self._syncfs_fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_path = os.readlink(proc_fd(fd).encode())
 
     # ------------------------------------------------------------------
     # Start-up checks
@@ -170,7 +174,12 @@ class PassthroughFs:
             del self._by_id[nodeid]
             if self._by_key.get(ino.key) is ino:
                 del self._by_key[ino.key]
-        os.close(ino.fd)
+        self._close_node(ino)
+
+    @staticmethod
+    def _close_node(ino: Inode) -> None:
+        for fd in (ino.fd, *ino.retired_fds):
+            os.close(fd)
 
     def batch_forget(self, items) -> None:
         for item in items:
@@ -187,7 +196,7 @@ class PassthroughFs:
         for h in handles.values():
             os.close(h.fd)
         for ino in nodes:
-            os.close(ino.fd)
+            self._close_node(ino)
 
     # ------------------------------------------------------------------
     # Records
@@ -231,8 +240,7 @@ class PassthroughFs:
 
     def _store_record(self, ino: Inode, rec: Record, st: os.stat_result) -> None:
         if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
-            # A host-made symlink/FIFO/device cannot carry user.* xattrs.
-            raise OSError(errno.EPERM, "cannot record ownership on a host special file")
+            st = self._materialize(ino, st)
         path = proc_fd(ino.fd)
         os.setxattr(path, self.record_name,
                     ownership.encode(rec, self.key, name=self._record_name_b))
@@ -240,6 +248,56 @@ class PassthroughFs:
         if stat.S_IMODE(st.st_mode) != want:
             os.chmod(path, want)
         ino.record, ino.record_loaded = rec, True
+
+    def _materialize(self, ino: Inode, st: os.stat_result) -> os.stat_result:
+        """Turn a host-made symlink, FIFO, socket or device node — which cannot
+        carry user.* xattrs — into vfsd's own representation (a regular file
+        holding the symlink target, with a record), in place, so that a guest
+        chown/chmod/setxattr on it works.  The node id stays; the host object
+        is replaced atomically by rename.  Caller holds ino.lock."""
+        self._check_writable()
+        where = os.readlink(proc_fd(ino.fd).encode())
+        if not where.startswith(self._root_path + b"/"):
+            raise OSError(errno.ESTALE, "object is no longer inside the share")
+        rel_dir, _, name = where[len(self._root_path) + 1:].rpartition(b"/")
+        # Reopen the parent from the share's root, confined below it: the
+        # path comes from the kernel, but host users may rename things.
+        dir_fd = syscalls.openat2(self._by_id[ROOT_ID].fd, rel_dir or b".",
+                                  os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                                  syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS)
+        try:
+            cur = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (cur.st_dev, cur.st_ino) != ino.key:
+                raise OSError(errno.ESTALE, "object was replaced on the host")
+            rec = self._effective(ino, st)
+            content = os.fsencode(os.readlink("", dir_fd=ino.fd)) if stat.S_ISLNK(st.st_mode) else b""
+            parent = Inode(0, dir_fd, (0, 0))
+            fd = self._make_file(parent, None if self._tmpfile_ok else b".vfsd-new." + name,
+                                 rec, content)
+            try:
+                syscalls.utimensat(syscalls.AT_FDCWD, proc_fd(fd), st.st_atime_ns, st.st_mtime_ns)
+                if self._tmpfile_ok:
+                    tmp = b".vfsd-new.%d.%s" % (os.getpid(), name[:200])
+                    syscalls.link_fd(fd, dir_fd, tmp)
+                else:
+                    tmp = b".vfsd-new." + name
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                new_fd = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+        new_st = os.fstat(new_fd)
+        with self._lock:
+            if self._by_key.get(ino.key) is ino:
+                del self._by_key[ino.key]
+            ino.retired_fds.append(ino.fd)
+            ino.fd, ino.key = new_fd, (new_st.st_dev, new_st.st_ino)
+            self._by_key[ino.key] = ino
+        ino.record, ino.record_loaded = rec, True
+        log.info("inode %d: host %s %r now stored as a file with a record (guest changed it)",
+                 ino.nodeid, stat.filemode(st.st_mode)[0], where.decode(errors="replace"))
+        return new_st
 
     def _attr(self, ino: Inode, st: os.stat_result | None = None) -> Attr:
         if st is None:
@@ -768,6 +826,10 @@ class PassthroughFs:
         self._check_writable()
         ino = self._inode(nodeid)
         host = self.names.guest_to_host(name)
+        st = os.fstat(ino.fd)
+        if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
+            with ino.lock:
+                self._materialize(ino, st)
         if name == pacl.ACCESS and self.posix_acl:
             self._set_access_acl(ino, value, flags, acl_kill_sgid)
             return

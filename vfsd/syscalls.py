@@ -100,3 +100,26 @@ def syncfs(fd: int) -> None:
 def proc_fd(fd: int) -> str:
     """The magic link that reopens (or names, for *xattr calls) an O_PATH fd."""
     return f"/proc/self/fd/{fd}"
+
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_SYS_openat2 = 437  # x86_64 and the generic syscall table alike
+
+
+class _open_how(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc.syscall.restype = ctypes.c_long
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2) (Linux 5.6): `resolve` confines the walk, e.g. RESOLVE_BENEATH
+    keeps every component (.., symlinks) below `dirfd`."""
+    how = _open_how(flags, mode, resolve)
+    return _check(_libc.syscall(ctypes.c_long(_SYS_openat2), ctypes.c_int(dirfd),
+                                ctypes.c_char_p(_path(path)), ctypes.byref(how),
+                                ctypes.c_size_t(ctypes.sizeof(how))))

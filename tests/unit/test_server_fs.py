@@ -338,3 +338,25 @@ def test_fallocate_lseek_copy_file_range_syncfs(s, tmp_path):
     assert n == 4 and (tmp_path / "share" / "copy").read_bytes() == b"tail"
     assert os.stat(tmp_path / "share" / "sparse").st_size == big + 4
     s.ok(fuse.Opcode.SYNCFS, 1, fuse.fuse_syncfs_in.pack())
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_guest_chown_of_host_special_file(s, tmp_path, kind):
+    p = tmp_path / "share" / "sub"
+    p.mkdir()
+    if kind == "symlink":
+        os.symlink("../target", p / "x")
+    else:
+        os.mkfifo(p / "x")
+    d = s.entry(s.ok(fuse.Opcode.LOOKUP, 1, extra=[b"sub\0"]))
+    e = s.entry(s.ok(fuse.Opcode.LOOKUP, d.nodeid, extra=[b"x\0"]))
+    a = fuse.fuse_attr_out.unpack(s.ok(fuse.Opcode.SETATTR, e.nodeid, fuse.fuse_setattr_in.pack(
+        valid=fuse.SetattrValid.UID | fuse.SetattrValid.GID, uid=77, gid=88))).attr
+    assert (a.uid, a.gid) == (77, 88)
+    assert stat.S_IFMT(a.mode) == (stat.S_IFLNK if kind == "symlink" else stat.S_IFIFO)
+    assert stat.S_ISREG(os.lstat(p / "x").st_mode) and record(p / "x").uid == 77
+    if kind == "symlink":
+        assert s.ok(fuse.Opcode.READLINK, e.nodeid) == b"../target"
+    assert sorted(os.listdir(p)) == ["x"]  # no temporary names left behind
+    a2 = fuse.fuse_attr_out.unpack(s.ok(fuse.Opcode.GETATTR, e.nodeid)).attr
+    assert a2.uid == 77

@@ -50,8 +50,8 @@ from typing import Iterable, Mapping
 __all__ = [
     "BUILDER_VERSION", "MARK", "GuestFailure", "GuestFile", "GuestResult", "Kernel",
     "CpioWriter", "base_initramfs", "cache_dir", "find_kernel", "guest_requirements",
-    "interactive_guest", "parse_console", "payload_archive", "python_layer", "qemu_command",
-    "run_guest",
+    "extra_modules", "host_tool_files", "interactive_guest", "parse_console", "payload_archive",
+    "python_layer", "qemu_command", "run_guest",
 ]
 
 #: Bump when the image layout or /init changes in a way the content hash would not catch.
@@ -731,6 +731,46 @@ def _python_layer() -> Path | None:
         _add_host_file(w, guest_path, host_path)
     _atomic_write(out, _pad4(gzip.compress(w.finish(), 6, mtime=0)))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# extra per-run contents: more host tools, more kernel modules
+
+
+def host_tool_files(*tools: str) -> dict[str, "GuestFile"]:
+    """Payload files (for run_guest's `files`) that put host programs such as /usr/sbin/setcap
+    into the guest at the same path, with the shared libraries they need that the base image
+    lacks.  Raises RuntimeError naming the Debian package when a tool is missing."""
+    packages = {"setcap": "libcap2-bin", "getcap": "libcap2-bin", "capsh": "libcap2-bin"}
+    out: dict[str, GuestFile] = {}
+    for t in tools:
+        if not os.access(t, os.X_OK):
+            pkg = packages.get(os.path.basename(t))
+            raise RuntimeError(f"{t} is missing" + (f" (apt-get install {pkg})" if pkg else ""))
+        out[t] = GuestFile(Path(t).read_bytes(), mode=0o755)
+    have = set(_shared_libs([t for t in HOST_TOOLS if os.access(t, os.X_OK)]))
+    for guest_path, host_path in sorted(_shared_libs(tools).items()):
+        if guest_path not in have and guest_path not in out:
+            out[guest_path] = GuestFile(Path(host_path).read_bytes(), mode=0o755)
+    return out
+
+
+def extra_modules(*names: str, kernel: Kernel | None = None) -> tuple[dict[str, bytes], str]:
+    """(payload files, shell snippet) that load the kernel modules `names` (and what they
+    need) in the guest: the files go to /lib/modules/extra/, the snippet insmods those the
+    base image has not loaded already and fails if one does not load.  Built-in modules need
+    nothing."""
+    kernel = kernel or find_kernel()
+    base = {n for n, _ in kernel.module_load_order()}
+    files: dict[str, bytes] = {}
+    lines = []
+    for name, path in kernel.module_load_order(required=names, optional=()):
+        if name in base:
+            continue
+        files[f"/lib/modules/extra/{name}.ko"] = _read_module(path)
+        lines.append(f"[ -d /sys/module/{name} ] || insmod /lib/modules/extra/{name}.ko "
+                     f"|| {{ echo 'insmod {name} failed' >&2; exit 97; }}")
+    return files, "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

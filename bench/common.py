@@ -1,0 +1,252 @@
+"""Shared pieces of the benchmarks: work directories, starting the daemon, process figures.
+
+The daemon is started with tests/daemon.py's `Daemon` (as the unprivileged user `vfsd-test`
+when run as root, exactly as the test suite runs it), with the product's default log level
+(`--log-level info`; the test helper asks for debug).  With `profile=PATH` it runs under
+cProfile with every thread profiled (see `_PROFILE_MAIN`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.daemon import Daemon
+
+REPO = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Runs vfsd.cli.main with a cProfile.Profile in every thread but the main one: `python -m
+# cProfile` only sees the main thread, which in vfsd only reads vhost-user control messages -
+# every FUSE request is served on a ring worker or pool thread.  One profiler per thread
+# (threading.Thread.run is wrapped before anything starts a thread), merged into one pstats
+# file when main() returns (the daemon exits by itself when the frontend disconnects, or on
+# SIGTERM).  The main thread's start-up (imports, argument parsing) stays out of the figures.
+_PROFILE_MAIN = r'''
+import cProfile, os, sys, threading
+
+OUT = os.environ["VFSD_BENCH_PROFILE"]
+_profilers = []
+_orig_run = threading.Thread.run
+
+
+def _run(self):
+    p = cProfile.Profile()
+    _profilers.append((self.name, p))
+    p.enable()
+    try:
+        _orig_run(self)
+    finally:
+        p.disable()
+
+
+threading.Thread.run = _run
+
+
+def _dump():
+    import pstats
+
+    class _Snap:
+        def __init__(self, prof):
+            prof.snapshot_stats()
+            self.stats = prof.stats
+
+        def create_stats(self):
+            pass
+
+    merged = None
+    for _name, p in list(_profilers):
+        s = pstats.Stats(_Snap(p))
+        if merged is None:
+            merged = s
+        else:
+            merged.add(s)
+    if merged is not None:
+        merged.dump_stats(OUT)
+
+
+from vfsd.cli import main  # noqa: E402
+
+try:
+    rc = main()
+finally:
+    _dump()
+sys.exit(rc)
+'''
+
+
+def make_workdir(prefix: str = "vfsd-bench-") -> Path:
+    """A directory under /tmp the unprivileged daemon user can search."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d
+
+
+def _profiling_source(tmp: Path) -> Path:
+    """A copy of the vfsd and protocol packages plus vfsd/_bench_profile.py (the profiling
+    entry point) to hand to Daemon as its source root."""
+    src = tmp / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    for pkg in ("vfsd", "protocol"):
+        shutil.copytree(REPO / pkg, src / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (src / "vfsd" / "_bench_profile.py").write_text(_PROFILE_MAIN)
+    return src
+
+
+class BenchDaemon:
+    """vfsd serving `share` on `workdir/run/vfsd.sock`, unprivileged."""
+
+    def __init__(self, workdir: Path, share: Path, args: list[str] | tuple[str, ...] = (),
+                 profile: Path | None = None, chown_shared: bool = True):
+        self.workdir = workdir
+        self.share = share
+        self.profile = profile
+        extra = ["--log-level", "info", *args]
+        kw = {}
+        if profile is not None:
+            # written by the daemon's user: keep it in the socket's directory, which is its own
+            assert profile.parent == workdir / "run", profile
+            kw = dict(source_root=_profiling_source(workdir), module="vfsd._bench_profile")
+            os.environ["VFSD_BENCH_PROFILE"] = str(profile)
+        self.d = Daemon(share, workdir / "run" / "vfsd.sock", extra_args=extra,
+                        chown_shared=chown_shared, log_path=workdir / "vfsd.log", **kw)
+
+    def __enter__(self) -> "BenchDaemon":
+        self.d.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.d.proc.pid
+
+    @property
+    def socket_path(self) -> Path:
+        return self.d.socket_path
+
+    def wait_exit(self, timeout: float = 30.0) -> int | None:
+        """Wait for the daemon to exit by itself (after the frontend disconnected)."""
+        try:
+            return self.d.proc.wait(timeout)
+        except Exception:
+            return None
+
+    def stop(self) -> int | None:
+        rc = self.d.stop()
+        os.environ.pop("VFSD_BENCH_PROFILE", None)
+        return rc
+
+    def log_tail(self, n: int = 40) -> str:
+        return self.d.log_tail(n)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads, living and dead), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, ... (kB) and Threads from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k.startswith("Vm") or k in ("Threads", "RssAnon", "RssFile", "RssShmem"):
+                out[k] = int(v.split()[0])
+    return out
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fmt_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A Markdown table (right-aligned numbers), readable as plain text too."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                                 for c, w, a in zip(r, widths, align)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2))
+                         for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(c) -> str:
+    if c is None:
+        return "-"
+    if isinstance(c, float):
+        if c >= 100:
+            return f"{c:,.0f}"
+        if c >= 10:
+            return f"{c:.1f}"
+        return f"{c:.2f}"
+    if isinstance(c, int):
+        return f"{c:,}"
+    return str(c)
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.elapsed = time.perf_counter() - self.t0
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def busy_processes() -> list[str]:
+    """Other QEMU guests and vfsd daemons running on this machine (they skew every figure)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if cmd and (cmd[0].endswith(b"qemu-system-x86_64") or b"vfsd" in cmd[:3]
+                    or cmd[0].endswith(b"virtiofsd")):
+            out.append(f"{pid} {os.path.basename(cmd[0]).decode(errors='replace')}")
+    return out
+
+
+def quiet_machine(wait: float = 0.0, threshold: float = 0.6) -> str:
+    """Wait up to `wait` seconds for the machine to be idle (1-minute load average under
+    `threshold`, no other QEMU or vfsd running); returns a line describing the load, which the
+    benchmarks print with their figures."""
+    deadline = time.monotonic() + wait
+    while True:
+        la, others = loadavg(), busy_processes()
+        if (la < threshold and not others) or time.monotonic() >= deadline:
+            break
+        time.sleep(5)
+    msg = f"load average {la:.2f} at start"
+    if others:
+        msg += f"; WARNING: {len(others)} other QEMU/vfsd processes running ({', '.join(others[:4])}...)"
+    elif la >= threshold:
+        msg += " (WARNING: machine busy)"
+    return msg

@@ -1,0 +1,308 @@
+"""Guest benchmark: the same workload in one TCG guest per backend, timed inside the guest.
+
+Backends
+  vfsd       this daemon, unprivileged (user vfsd-test when run as root), records on,
+             its defaults (--cache auto, --thread-pool-size 0, log level info)
+  virtiofsd  the C virtiofsd QEMU 7.2 ships (/usr/lib/qemu/virtiofsd), as root,
+             -o source=DIR -o cache=auto (its defaults otherwise: thread pool 0, no xattr)
+  9p         QEMU's 9p, -virtfs local,security_model=mapped-xattr (ownership in user.virtfs.*
+             xattrs, vfsd's closest relative); guest mount -t 9p -o trans=virtio,version=9p2000.L
+             with the kernel's defaults (cache=none, msize 128 KiB)
+  tmpfs      the guest's own tmpfs: the floor (what the emulated guest costs by itself)
+
+Every backend boots the same kernel: Debian's generic linux-image-amd64 (the cloud kernel the
+tests use has no 9p modules), so kernel differences do not enter the comparison.  Same guest
+(1 vCPU, 1 GiB), same initramfs, the workload's tarball in the guest's RAM (/bench/src.tar).
+
+Phases (seconds from /proc/uptime, 10 ms resolution; caches dropped with
+`echo 3 > /proc/sys/vm/drop_caches` before the phases marked *; host page cache left warm):
+  create     N small files: `echo x > small/fI`
+  stat*      N `[ -f small/fI ]` (a LOOKUP each: shell builtin, no fork)
+  ls*        `ls -ln small` (READDIRPLUS or READDIR+GETATTR)
+  rm         `rm -r small`
+  untar      `tar xf src.tar` (~2000 files, ~20 MB, nested dirs, owner 1000:1000)
+  readback*  `find src -type f | xargs cat | wc -c` (checked against the archive)
+  chown+chmod `chown -R 1234:5678 src; chmod -R o-rwx src`
+  rm tree    `rm -r src`
+  write      `dd if=/dev/zero of=big bs=1M count=128` (no fsync: the path to the host's
+             page cache, not the host disk)
+  read*      `dd if=big of=/dev/null bs=1M`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
+
+from .common import BenchDaemon, fmt_table, make_workdir, note
+from .tarball import make_tarball
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
+PHASES = [("create", "create N small files"), ("stat", "stat N files by name*"),
+          ("ls", "ls -ln the N files*"), ("rm_small", "rm the N files"),
+          ("untar", "untar the source tree"), ("readback", "read the tree back*"),
+          ("chown", "chown -R + chmod -R"), ("rm_tree", "rm -r the tree"),
+          ("write", "write big file"), ("read", "read big file*")]
+
+SIZES = {  # small files, tarball files, tarball bytes, big file MiB
+    "full": (2000, 2000, 20 << 20, 128),
+    "quick": (500, 500, 5 << 20, 32),
+}
+
+SCRIPT = r"""
+W=/mnt/vfsd-bench
+mark() { read up _ < /proc/uptime; echo "@T $1 $up"; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+fail() { echo "@FAIL $*"; exit 1; }
+@MOUNT@
+grep -E ' /mnt ' /proc/mounts | sed 's/^/@MOUNTINFO /'
+rm -rf $W; mkdir $W || fail mkdir; cd $W || fail cd
+mkdir small || fail mkdir small
+mark create
+i=0; while [ $i -lt @N@ ]; do echo x > small/f$i || fail create $i; i=$((i+1)); done
+mark create.end
+drop
+mark stat
+i=0; while [ $i -lt @N@ ]; do [ -f small/f$i ] || fail stat $i; i=$((i+1)); done
+mark stat.end
+drop
+mark ls
+ls -ln small > /dev/null || fail ls
+mark ls.end
+mark rm_small
+rm -r small || fail rm small
+mark rm_small.end
+mark untar
+tar xf /bench/src.tar || fail untar
+mark untar.end
+drop
+mark readback
+n=$(find src -type f | xargs cat | wc -c)
+mark readback.end
+[ "$n" = "@BYTES@" ] || fail readback read $n bytes, expected @BYTES@
+set -- $(ls -ln @SAMPLE@); [ "$3:$4" = "@OWNER@" ] || fail untar owner $3:$4
+mark chown
+chown -R 1234:5678 src || fail chown
+chmod -R o-rwx src || fail chmod
+mark chown.end
+set -- $(ls -ln @SAMPLE@); [ "$3:$4" = 1234:5678 ] || fail chown result $1 $3:$4
+mark rm_tree
+rm -r src || fail rm tree
+mark rm_tree.end
+mark write
+dd if=/dev/zero of=big bs=1M count=@BIG@ 2>/dev/null || fail write
+mark write.end
+drop
+mark read
+dd if=big of=/dev/null bs=1M 2>/dev/null || fail read
+mark read.end
+set -- $(ls -ln big); [ "$5" = "$((@BIG@ * 1048576))" ] || fail big size $5
+rm -f big
+cd /
+echo "@DONE"
+"""
+
+MOUNTS = {
+    "vfsd": "",          # /init mounts the virtio-fs tag at /mnt
+    "virtiofsd": "",
+    "9p": "mount -t 9p -o trans=virtio,version=9p2000.L t9 /mnt || fail mount 9p",
+    "tmpfs": "mount -t tmpfs -o size=600m tmpfs /mnt || fail mount tmpfs",
+}
+
+
+def bench_kernel() -> tuple[Kernel, str]:
+    """The newest non-cloud /boot/vmlinuz-* whose modules have virtiofs and 9p."""
+    candidates = []
+    for image in Path("/boot").glob("vmlinuz-*"):
+        version = image.name.removeprefix("vmlinuz-")
+        if "cloud" in version:
+            continue
+        dep = Path("/lib/modules") / version / "modules.dep"
+        if not dep.exists():
+            continue
+        text = dep.read_text()
+        if "/virtiofs.ko" in text and "/9p.ko" in text and "/9pnet_virtio.ko" in text:
+            candidates.append(Kernel(version, image, dep.parent))
+    if candidates:
+        candidates.sort(key=lambda k: [int(p) if p.isdigit() else p
+                                       for p in re.split(r"[.\-+~]", k.version)])
+        return candidates[-1], "generic kernel with 9p (same kernel for every backend)"
+    k = find_kernel()
+    return k, ("no kernel with 9p modules (apt-get install linux-image-amd64): "
+               f"using {k.version}; the 9p backend is skipped")
+
+
+def parse_marks(output: str) -> dict[str, float]:
+    t = {}
+    for m in re.finditer(r"^@T (\S+) ([0-9.]+)$", output, re.M):
+        t[m.group(1)] = float(m.group(2))
+    return {p: round(t[p + ".end"] - t[p], 2) for p, _ in PHASES
+            if p in t and p + ".end" in t}
+
+
+def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
+                timeout: float) -> dict:
+    share = workdir / f"share-{backend}"
+    share.mkdir()
+    os.chmod(share, 0o755)
+    common = dict(files=files, mem="1G", kernel=kernel, timeout=timeout)
+    t0 = time.monotonic()
+    info: dict = {"backend": backend}
+    if backend == "vfsd":
+        d = BenchDaemon(workdir, share)
+        with d:
+            r = run_guest(script, socket_path=d.socket_path, **common)
+            rc = d.wait_exit(20)
+            info["daemon_exit"] = rc
+            if r.status != 0:
+                r.daemon_log = d.d.log_text()
+    elif backend == "virtiofsd":
+        sock = workdir / "virtiofsd.sock"
+        log = open(workdir / "virtiofsd.log", "wb")
+        proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}",
+                                 "-o", "cache=auto"], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("virtiofsd did not start: "
+                                       + (workdir / "virtiofsd.log").read_text()[-2000:])
+                time.sleep(0.05)
+            r = run_guest(script, socket_path=sock, **common)
+            try:
+                info["daemon_exit"] = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                info["daemon_exit"] = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+        if r.status != 0:
+            r.daemon_log = (workdir / "virtiofsd.log").read_text(errors="replace")
+    elif backend == "9p":
+        r = run_guest(script, extra_qemu_args=[
+            "-virtfs", f"local,path={share},mount_tag=t9,security_model=mapped-xattr"],
+            **common)
+    elif backend == "tmpfs":
+        r = run_guest(script, **common)
+    else:
+        raise ValueError(backend)
+    info["wall"] = round(time.monotonic() - t0, 1)
+    info["status"] = r.status
+    info["phases"] = parse_marks(r.output)
+    m = re.search(r"^@MOUNTINFO (.*)$", r.output, re.M)
+    info["mount"] = m.group(1) if m else None
+    if r.status != 0 or "@DONE" not in r.output:
+        info["error"] = r.explain()
+        note(f"guest: {backend} FAILED\n{r.explain()[-6000:]}")
+    shutil.rmtree(share, ignore_errors=True)
+    return info
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench guest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated, from " + ",".join(BACKENDS))
+    p.add_argument("--quick", action="store_true",
+                   help="500 small files, 500-file 5 MB tree, 32 MiB file (under 3 minutes)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="boot each backend this many times (interleaved); the table shows "
+                        "medians")
+    p.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
+    a = p.parse_args(argv)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            p.error(f"unknown backend {b!r}")
+    if os.geteuid() != 0 and ("virtiofsd" in backends or "9p" in backends):
+        note("guest: virtiofsd and 9p need root; skipping them")
+        backends = [b for b in backends if b not in ("virtiofsd", "9p")]
+    if "virtiofsd" in backends and not os.access(VIRTIOFSD, os.X_OK):
+        note(f"guest: {VIRTIOFSD} missing (apt-get install qemu-system-common); skipped")
+        backends.remove("virtiofsd")
+    kernel, why = bench_kernel()
+    if "9p" in backends and "amd64" in kernel.version and "cloud" in kernel.version:
+        backends.remove("9p")
+    nsmall, tfiles, tbytes, big = SIZES["quick" if a.quick else "full"]
+    tar, facts = make_tarball(tfiles, tbytes)
+    script = SCRIPT
+    for k, v in (("@N@", nsmall), ("@BYTES@", facts["regular_bytes"]), ("@BIG@", big),
+                 ("@SAMPLE@", facts["sample"]), ("@OWNER@", "1000:1000")):
+        script = script.replace(k, str(v))
+    files = {"/bench/src.tar": GuestFile(tar.read_bytes())}
+    timeout = 300 if a.quick else 600
+    note(f"guest: kernel {kernel.version} ({why}); {nsmall} small files, tree of "
+         f"{facts['files']} files + {facts['dirs']} dirs + {facts['symlinks']} symlinks "
+         f"({facts['regular_bytes'] / 2**20:.1f} MiB), {big} MiB file")
+    workdir = make_workdir()
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    try:
+        for rep in range(a.repeat):
+            for b in backends:
+                note(f"guest: {b} (run {rep + 1}/{a.repeat})")
+                info = run_backend(b, kernel, script.replace("@MOUNT@", MOUNTS[b]), files,
+                                   workdir, timeout)
+                info["script_ok"] = "error" not in info
+                runs[b].append(info)
+                note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report(runs, backends, dict(kernel=kernel.version, small=nsmall, **facts,
+                                      big_mib=big, repeat=a.repeat)))
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
+                                                small=nsmall, big_mib=big, runs=runs),
+                                           indent=1))
+    return 0 if all(i["script_ok"] for rs in runs.values() for i in rs) else 1
+
+
+def report(runs: dict, backends: list[str], facts: dict) -> str:
+    med: dict[str, dict[str, float | None]] = {}
+    for b in backends:
+        ok = [r for r in runs[b] if r["script_ok"]]
+        med[b] = {}
+        for ph, _ in PHASES:
+            vals = [r["phases"][ph] for r in ok if ph in r["phases"]]
+            med[b][ph] = statistics.median(vals) if vals else None
+        tot = [sum(r["phases"].values()) for r in ok]
+        med[b]["total"] = statistics.median(tot) if tot else None
+    ref = "virtiofsd" if "virtiofsd" in backends else None
+    hdr = ["phase"] + [f"{b} s" for b in backends]
+    if ref:
+        hdr += [f"{b} / virtiofsd" for b in backends if b != ref]
+    rows = []
+    labels = dict(PHASES, total="total")
+    for ph in [p for p, _ in PHASES] + ["total"]:
+        label = labels[ph].replace("N", str(facts["small"]))
+        if ph == "write" or ph == "read":
+            label += f" ({facts['big_mib']} MiB)"
+        row = [label] + [med[b][ph] for b in backends]
+        if ref:
+            for b in backends:
+                if b == ref:
+                    continue
+                x, y = med[b][ph], med[ref][ph]
+                row.append(f"{x / y:.1f}x" if x is not None and y else "-")
+        rows.append(row)
+    title = (f"Guest benchmark (TCG, 1 vCPU, kernel {facts['kernel']}; seconds, lower is "
+             f"better; median of {facts['repeat']}; * = guest caches dropped first)")
+    return title + "\n" + fmt_table(hdr, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""The POSIX conformance suite that test guests run (posix_suite.py, standard library only)."""

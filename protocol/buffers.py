@@ -57,6 +57,18 @@ class Reader:
         """Never hand out more than `n` further bytes (the request's own length)."""
         self.remaining = min(self.remaining, max(n, 0))
 
+    def take_tail(self, n: int) -> bytes:
+        """Copy the last `n` of the remaining bytes and stop short of them (for
+        trailers such as FUSE extension headers that follow the arguments)."""
+        if n > self.remaining:
+            raise BufferError_(f"wanted a {n}-byte tail, {self.remaining} left")
+        start = self.remaining - n  # offset of the tail from the cursor
+        index, offset = self._index, self._offset
+        skip, index, offset = _take(self._views, index, offset, start)
+        tail, _, _ = _take(self._views, index, offset, n)
+        self.remaining -= n
+        return b"".join(tail)
+
     def views(self, n: int) -> list[memoryview]:
         """The next `n` bytes as zero-copy views."""
         if n > self.remaining:

@@ -334,6 +334,16 @@ fuse_direntplus = WireStruct("fuse_direntplus", [
 ])
 
 
+# 7.38 request extensions (after the arguments, total_extlen * 8 bytes).  A
+# security context extension is a fuse_secctx_header whose second word, in the
+# position of fuse_ext_header.type, is the number of contexts (types 0..31).
+fuse_ext_header = WireStruct("fuse_ext_header", [("size", u32), ("type", u32)])
+fuse_secctx_header = WireStruct("fuse_secctx_header", [("size", u32), ("nr_secctx", u32)])
+fuse_secctx = WireStruct("fuse_secctx", [("size", u32), ("padding", u32)])
+MAX_NR_SECCTX = 31
+EXT_GROUPS = 32
+
+
 def dirent_align(n: int) -> int:
     """FUSE_DIRENT_ALIGN: records in a READDIR reply are 8-byte aligned."""
     return (n + 7) & ~7

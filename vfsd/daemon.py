@@ -21,7 +21,6 @@ import ctypes
 import errno
 import fcntl
 import grp
-import inspect
 import logging
 import logging.handlers
 import os
@@ -35,6 +34,7 @@ from protocol.vhost_user import VhostUserBackend, accept_one, listen_unix
 
 from .config import Config
 from .passthrough import PassthroughFs
+from .xattrmap import XattrMap
 from .server import FuseServer, SessionOptions
 from .transport import VirtioFsDevice
 
@@ -149,29 +149,14 @@ def check_shared_dir(path: str) -> None:
 #: the value that needs no support).  Each is passed when the filesystem takes it; a build
 #: whose filesystem lacks one says so, or refuses the option where ignoring it would serve
 #: the guest something else than asked (see filesystem()).
-_ANY = object()   # the filesystem's own behaviour is right whatever the value
-_OPTIONAL_FS_KWARGS = {
-    "posix_acl": (lambda c: c.posix_acl and c.xattr, _ANY),
-    "allow_direct_io": (lambda c: c.allow_direct_io, False),
-    "preserve_noatime": (lambda c: c.preserve_noatime, False),
-    "xattrmap": (lambda c: c.xattrmap, None),
-}
-
-
 def filesystem(config: Config, fs_class=PassthroughFs):
     """The PassthroughFs for `config`, checked for user.* xattr support."""
     kwargs = dict(record_name=config.record_name, uidmap=config.uidmap,
-                  gidmap=config.gidmap, readonly=config.readonly)
-    accepted = inspect.signature(fs_class).parameters
-    for kw, (get, needs_nothing) in _OPTIONAL_FS_KWARGS.items():
-        value = get(config)
-        if kw in accepted:
-            kwargs[kw] = value
-        elif needs_nothing is not _ANY and value != needs_nothing:
-            if kw == "xattrmap":
-                raise StartupError("--xattrmap is not supported by this vfsd build")
-            log.info("--%s: this vfsd build passes the guest's open flags through unchanged",
-                     kw.replace("_", "-"))
+                  gidmap=config.gidmap, readonly=config.readonly,
+                  posix_acl=config.posix_acl and config.xattr,
+                  allow_direct_io=config.allow_direct_io,
+                  preserve_noatime=config.preserve_noatime,
+                  xattrmap=XattrMap(config.xattrmap) if config.xattrmap else None)
     try:
         fs = fs_class(config.shared_dir, **kwargs)
     except OSError as e:

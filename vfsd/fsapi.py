@@ -17,6 +17,9 @@ class Ctx:
     uid: int
     gid: int
     pid: int
+    # FUSE_SECURITY_CTX: (xattr name, value) labels for an object this
+    # request creates, e.g. (b"security.selinux", b"system_u:...")
+    secctx: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

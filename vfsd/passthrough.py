@@ -35,6 +35,7 @@ from . import posix_acl as pacl
 from .fsapi import NOW, Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
 from .ownership import Record, RecordError
 from .syscalls import proc_fd
+from .xattrmap import XattrMap
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ _HOST_RECORD_TYPES = (stat.S_IFREG, stat.S_IFDIR)  # host types that can carry u
 _MAX_SYMLINK = 4095
 XATTR_CREATE, XATTR_REPLACE = os.XATTR_CREATE, os.XATTR_REPLACE
 SECURITY_CAPABILITY = b"security.capability"
+_ACL_NAMES = (pacl.ACCESS, pacl.DEFAULT)
 
 
 @dataclass(eq=False)
@@ -75,7 +77,9 @@ class Handle:
 class PassthroughFs:
     def __init__(self, shared_dir: str, *, record_name: str = ownership.DEFAULT_RECORD_NAME.decode(),
                  uidmap: ownership.IdMap | None = None, gidmap: ownership.IdMap | None = None,
-                 key: bytes | None = None, readonly: bool = False, posix_acl: bool = True):
+                 key: bytes | None = None, readonly: bool = False, posix_acl: bool = True,
+                 allow_direct_io: bool = False, preserve_noatime: bool = False,
+                 xattrmap: XattrMap | None = None):
         self.record_name = record_name
         self._record_name_b = record_name.encode()
         self.names = ownership.XattrNames(self._record_name_b)
@@ -85,6 +89,11 @@ class PassthroughFs:
         self._acl_access = self.names.guest_to_host(pacl.ACCESS)
         self._acl_default = self.names.guest_to_host(pacl.DEFAULT)
         self._caps = self.names.guest_to_host(SECURITY_CAPABILITY)
+        self.xattrmap = xattrmap
+        # virtiofsd drops O_DIRECT (page-cache coherency with the guest's own
+        # cache) and O_NOATIME (EPERM on files one does not own) by default.
+        self._open_strip = _OPEN_STRIP | (0 if allow_direct_io else os.O_DIRECT) | (
+            0 if preserve_noatime else os.O_NOATIME)
         self.uidmap = uidmap
         self.gidmap = gidmap
         self.key = key
@@ -335,6 +344,8 @@ class PassthroughFs:
                 xattrs[self._acl_default] = pacl.encode(default)
         elif kind != stat.S_IFLNK:
             perm &= ~(umask & 0o777)
+        for name, value in ctx.secctx:  # FUSE_SECURITY_CTX: labelled at birth
+            xattrs[self._host_xattr(name)] = value
         major = minor = 0
         if kind in (stat.S_IFCHR, stat.S_IFBLK):
             major, minor = os.major(rdev), os.minor(rdev)
@@ -521,8 +532,8 @@ class PassthroughFs:
         return target
 
     def symlink(self, ctx: Ctx, parent_id: int, name: bytes, target: bytes) -> Entry:
-        rec, _ = self._new_record(ctx, self._inode(parent_id), stat.S_IFLNK | 0o777)
-        return self._create_special(ctx, parent_id, name, rec, target)
+        rec, xattrs = self._new_record(ctx, self._inode(parent_id), stat.S_IFLNK | 0o777)
+        return self._create_special(ctx, parent_id, name, rec, target, xattrs)
 
     def mknod(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, rdev: int,
               umask: int) -> Entry:
@@ -650,9 +661,8 @@ class PassthroughFs:
             raise OSError(errno.EBADF, f"unknown file handle {fh}")
         return h
 
-    @staticmethod
-    def _host_open_flags(flags: int) -> int:
-        return (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+    def _host_open_flags(self, flags: int) -> int:
+        return (flags & ~self._open_strip) | os.O_CLOEXEC
 
     def open(self, ctx: Ctx, nodeid: int, flags: int) -> Opened:
         ino = self._inode(nodeid)
@@ -806,26 +816,37 @@ class PassthroughFs:
     # ------------------------------------------------------------------
     # Operations: guest xattrs (names mapped by ownership.XattrNames)
     # ------------------------------------------------------------------
+    def _host_xattr(self, name: bytes) -> bytes:
+        """guest name -> (--xattrmap) -> vfsd's escaping -> host name.  ACL names
+        skip the map: vfsd keeps them in step with the mode at fixed names."""
+        if self.xattrmap is not None and not (self.posix_acl and name in _ACL_NAMES):
+            name = self.xattrmap.to_server(name)
+        return self.names.guest_to_host(name)
+
     def getxattr(self, ctx: Ctx, nodeid: int, name: bytes) -> bytes:
         ino = self._inode(nodeid)
-        host = self.names.guest_to_host(name)
         try:
+            host = self._host_xattr(name)
             return os.getxattr(proc_fd(ino.fd), host)
         except OSError as e:
-            if e.errno == errno.EPERM:  # host special files take no user.* xattrs
-                raise OSError(errno.ENODATA, "no such attribute") from None
+            if e.errno == errno.EPERM:  # refused by the map (as virtiofsd), or a host
+                raise OSError(errno.ENODATA, "no such attribute") from None  # special file
             raise
 
     def listxattr(self, ctx: Ctx, nodeid: int) -> list[bytes]:
         ino = self._inode(nodeid)
-        names = [os.fsencode(n) for n in os.listxattr(proc_fd(ino.fd))]
-        return self.names.filter_list(names)
+        names = self.names.filter_list([os.fsencode(n) for n in os.listxattr(proc_fd(ino.fd))])
+        if self.xattrmap is not None:
+            names = [n if self.posix_acl and n in _ACL_NAMES else self.xattrmap.to_client(n)
+                     for n in names]
+            names = [n for n in names if n is not None]
+        return names
 
     def setxattr(self, ctx: Ctx, nodeid: int, name: bytes, value: bytes, flags: int,
                  acl_kill_sgid: bool = False) -> None:
         self._check_writable()
         ino = self._inode(nodeid)
-        host = self.names.guest_to_host(name)
+        host = self._host_xattr(name)
         st = os.fstat(ino.fd)
         if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
             with ino.lock:
@@ -862,7 +883,7 @@ class PassthroughFs:
     def removexattr(self, ctx: Ctx, nodeid: int, name: bytes) -> None:
         self._check_writable()
         ino = self._inode(nodeid)
-        os.removexattr(proc_fd(ino.fd), self.names.guest_to_host(name))
+        os.removexattr(proc_fd(ino.fd), self._host_xattr(name))
 
     # ------------------------------------------------------------------
     # Operations: file space and copies

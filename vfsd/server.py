@@ -27,6 +27,14 @@ from .fsapi import NOW, Attr, Ctx, Entry, SetAttr
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+_U64 = (1 << 64) - 1
+
+
+def _s64(v: int) -> int:
+    """fuse_attr/fuse_setattr_in times are u64 fields carrying signed seconds
+    (times before 1970 are negative)."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
 PATH_MAX = 4096
 OUT_HEADER = fuse.fuse_out_header.size
 
@@ -167,21 +175,44 @@ class FuseServer:
             pos += len(v)
         return length
 
-    def _bound(self, h, reader: Reader, total: int) -> None:
-        """Trust neither the chain nor fuse_in_header.len alone (lying lengths)."""
+    def _bound(self, h, reader: Reader, total: int) -> bytes:
+        """Trust neither the chain nor fuse_in_header.len alone (lying lengths).
+        Returns the 7.38 extension area, which follows the arguments."""
         if h.len > total or h.len < fuse.fuse_in_header.size:
             raise ProtocolError(f"fuse_in_header.len {h.len} but request holds {total} bytes")
         reader.limit(h.len - fuse.fuse_in_header.size)
-        # 7.38: extension headers sit after the arguments; none are negotiated
-        # by this server, so they are skipped rather than misread as args.
-        if h.total_extlen:
-            ext = h.total_extlen * 8
-            if ext > reader.remaining:
-                raise ProtocolError(f"total_extlen {ext} exceeds the request")
-            reader.limit(reader.remaining - ext)
+        if not h.total_extlen:
+            return b""
+        ext = h.total_extlen * 8
+        if ext > reader.remaining:
+            raise ProtocolError(f"total_extlen {ext} exceeds the request")
+        return reader.take_tail(ext)
+
+    def _secctx(self, ext: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        """The security contexts in a request's extensions (FUSE_SECURITY_CTX)."""
+        if not ext or not self.flags & fuse.InitFlag.SECURITY_CTX:
+            return ()
+        out = []
+        off = 0
+        while off < len(ext):
+            hdr = fuse.fuse_ext_header.unpack_from(ext, off)
+            if hdr.size < fuse.fuse_ext_header.size or off + hdr.size > len(ext):
+                raise ProtocolError(f"extension of {hdr.size} bytes at {off}")
+            if hdr.type <= fuse.MAX_NR_SECCTX:  # a fuse_secctx_header
+                pos, end = off + fuse.fuse_secctx_header.size, off + hdr.size
+                for _ in range(hdr.type):
+                    sc = fuse.fuse_secctx.unpack_from(ext, pos)
+                    pos += fuse.fuse_secctx.size
+                    nul = ext.find(b"\0", pos, end)
+                    if nul < 0 or nul + 1 + sc.size > end:
+                        raise ProtocolError("malformed security context")
+                    out.append((ext[pos:nul], ext[nul + 1:nul + 1 + sc.size]))
+                    pos = fuse.dirent_align(nul + 1 + sc.size)
+            off += hdr.size
+        return tuple(out)
 
     def _dispatch(self, op, h, reader: Reader, writer: Writer, total: int):
-        self._bound(h, reader, total)
+        ext = self._bound(h, reader, total)
         if op is fuse.Opcode.INIT:
             return self._init(h, reader)
         if not self.initialized:
@@ -196,7 +227,8 @@ class FuseServer:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
                       op.name, h.unique, h.nodeid, h.uid, h.gid, h.pid, h.len)
-        return handler(Ctx(h.uid, h.gid, h.pid), h.nodeid, reader, writer)
+        ctx = Ctx(h.uid, h.gid, h.pid, self._secctx(ext)) if ext else Ctx(h.uid, h.gid, h.pid)
+        return handler(ctx, h.nodeid, reader, writer)
 
     def _dispatch_no_reply(self, op, h, reader: Reader, total: int) -> None:
         try:
@@ -224,7 +256,7 @@ class FuseServer:
         rdev = (os.minor(a.rdev) & 0xFF) | (os.major(a.rdev) << 8) | (
             (os.minor(a.rdev) & ~0xFF) << 12)
         return dict(ino=a.ino, size=a.size, blocks=a.blocks,
-                    atime=asec, mtime=msec, ctime=csec,
+                    atime=asec & _U64, mtime=msec & _U64, ctime=csec & _U64,
                     atimensec=ans, mtimensec=mns, ctimensec=cns,
                     mode=a.mode, nlink=a.nlink, uid=a.uid, gid=a.gid,
                     rdev=rdev & 0xFFFFFFFF, blksize=a.blksize,
@@ -290,6 +322,10 @@ class FuseServer:
             wanted |= F.POSIX_ACL | F.DONT_MASK | F.SETXATTR_EXT
         if self.opts.killpriv_v2:
             wanted |= F.HANDLE_KILLPRIV_V2
+        if self.opts.security_label and self.opts.xattr and arg.minor >= 38:
+            # Only the 7.38 form (an extension counted in total_extlen) is
+            # understood; 7.36/37 kernels append the context unannounced.
+            wanted |= F.SECURITY_CTX
         if self.opts.announce_submounts:
             wanted |= F.SUBMOUNTS
         if self.opts.allow_mmap:
@@ -385,7 +421,7 @@ class FuseServer:
         def when(bit, now_bit, sec, nsec):
             if not v & bit:
                 return None
-            return NOW if v & now_bit else sec * 1_000_000_000 + nsec
+            return NOW if v & now_bit else _s64(sec) * 1_000_000_000 + nsec
 
         changes = SetAttr(
             mode=a.mode & 0o7777 if v & V.MODE else None,

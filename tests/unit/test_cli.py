@@ -397,9 +397,8 @@ def test_process_options_are_logged_not_ignored(caplog, monkeypatch):
 
 
 class _FakeFs:
-    def __init__(self, shared_dir, *, record_name, uidmap, gidmap, readonly,
-                 allow_direct_io=False, xattrmap=None, posix_acl=True):
-        self.kw = dict(allow_direct_io=allow_direct_io, xattrmap=xattrmap, posix_acl=posix_acl)
+    def __init__(self, shared_dir, **kw):
+        self.kw = kw
 
     def check_xattr_support(self):
         pass
@@ -412,26 +411,18 @@ class _NoXattrFs(_FakeFs):
                                      "ownership")
 
 
-class _PlainFs:
-    def __init__(self, shared_dir, *, record_name, uidmap, gidmap, readonly):
-        pass
-
-    def check_xattr_support(self):
-        pass
-
-
 def test_filesystem_seam():
-    fs = daemon.filesystem(parse("--allow-direct-io", "--xattrmap", ":ok:all:::"), _FakeFs)
-    assert fs.kw == dict(allow_direct_io=True, xattrmap=(XattrRule("ok", "all", "", ""),),
-                         posix_acl=True)
+    fs = daemon.filesystem(parse("--allow-direct-io", "--preserve-noatime",
+                                 "--xattrmap", ":ok:all:::"), _FakeFs)
+    assert fs.kw["allow_direct_io"] is True and fs.kw["preserve_noatime"] is True
+    assert fs.kw["posix_acl"] is True
+    assert fs.kw["xattrmap"].to_server(b"trusted.x") == b"trusted.x"
+    assert daemon.filesystem(parse(), _FakeFs).kw["xattrmap"] is None
+    assert daemon.filesystem(parse(), _FakeFs).kw["allow_direct_io"] is False
     assert daemon.filesystem(parse("--no-posix-acl"), _FakeFs).kw["posix_acl"] is False
     assert daemon.filesystem(parse("--no-xattr"), _FakeFs).kw["posix_acl"] is False
     with pytest.raises(daemon.StartupError, match="does not support user.. extended attr"):
         daemon.filesystem(parse(), _NoXattrFs)
-    # a filesystem without the hooks: an xattrmap cannot be honoured, so it is refused
-    with pytest.raises(daemon.StartupError, match="--xattrmap is not supported"):
-        daemon.filesystem(parse("--xattrmap", ":ok:all:::"), _PlainFs)
-    daemon.filesystem(parse(), _PlainFs)
 
 
 def test_pid_file_lock(tmp_path):

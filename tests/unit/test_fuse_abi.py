@@ -24,6 +24,7 @@ SIZES = {
     "fuse_poll_in": 24, "fuse_fallocate_in": 32, "fuse_lseek_in": 24,
     "fuse_lseek_out": 8, "fuse_copy_file_range_in": 56, "fuse_syncfs_in": 8,
     "fuse_dirent": 24, "fuse_direntplus": 152,
+    "fuse_ext_header": 8, "fuse_secctx_header": 8, "fuse_secctx": 8,
 }
 
 

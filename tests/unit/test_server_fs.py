@@ -360,3 +360,30 @@ def test_guest_chown_of_host_special_file(s, tmp_path, kind):
     assert sorted(os.listdir(p)) == ["x"]  # no temporary names left behind
     a2 = fuse.fuse_attr_out.unpack(s.ok(fuse.Opcode.GETATTR, e.nodeid)).attr
     assert a2.uid == 77
+
+
+def test_security_ctx_extension_labels_new_files(tmp_path):
+    from vfsd.server import SessionOptions
+    (tmp_path / "share").mkdir()
+    s = Session.__new__(Session)
+    s.fs = PassthroughFs(str(tmp_path / "share"))
+    s.server = FuseServer(s.fs, SessionOptions(security_label=True))
+    s.unique = 0
+    assert s.call(fuse.Opcode.INIT, 0, fuse.fuse_init_in.pack(
+        major=7, minor=38, flags=fuse.InitFlag.INIT_EXT,
+        flags2=fuse.InitFlag.SECURITY_CTX >> 32))[0] == 0
+    label = b"system_u:object_r:tmp_t:s0\0"
+    entry = fuse.fuse_secctx.pack(size=len(label)) + b"security.selinux\0" + label
+    entry += b"\0" * (fuse.dirent_align(len(entry)) - len(entry))
+    ext = fuse.fuse_secctx_header.pack(size=8 + len(entry), nr_secctx=1) + entry
+    args = fuse.fuse_mknod_in.pack(mode=stat.S_IFREG | 0o644) + b"lbl\0"
+    args += b"\0" * (fuse.dirent_align(len(args)) - len(args))
+    s.unique += 1
+    payload = args + ext
+    hdr = fuse.fuse_in_header.pack(len=40 + len(payload), opcode=fuse.Opcode.MKNOD,
+                                   unique=s.unique, nodeid=1, uid=UID, gid=GID,
+                                   total_extlen=len(ext) // 8)
+    buf = bytearray(4096)
+    n = s.server.handle(Reader([memoryview(hdr + payload)]), Writer([memoryview(buf)]))
+    assert fuse.fuse_out_header.unpack(bytes(buf[:16])).error == 0, bytes(buf[:16])
+    assert os.getxattr(tmp_path / "share" / "lbl", "user.o.security.selinux") == label

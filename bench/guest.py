@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -152,8 +153,43 @@ def parse_marks(output: str) -> dict[str, float]:
             if p in t and p + ".end" in t}
 
 
+class SessionCpu:
+    """Samples the CPU time (utime+stime) of every process in session `sid` (the daemon and
+    any child, e.g. virtiofsd's sandboxed worker) every 0.2 s; `.seconds` is the last sum."""
+
+    def __init__(self, sid: int):
+        import threading
+        self.sid, self.seconds, self._stop = sid, 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _sample(self) -> float:
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.sid:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.seconds = max(self.seconds, self._sample())
+
+    def stop(self) -> float:
+        self.seconds = max(self.seconds, self._sample())
+        self._stop.set()
+        self._t.join()
+        return self.seconds
+
+
 def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
-                timeout: float) -> dict:
+                timeout: float, vfsd_args: list[str] = (), count: bool = False) -> dict:
     share = workdir / f"share-{backend}"
     share.mkdir()
     os.chmod(share, 0o755)
@@ -161,11 +197,18 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
     t0 = time.monotonic()
     info: dict = {"backend": backend}
     if backend == "vfsd":
-        d = BenchDaemon(workdir, share)
+        d = BenchDaemon(workdir, share,
+                        [*vfsd_args, *(["--log-level", "debug"] if count else [])])
         with d:
+            mon = SessionCpu(d.pid)
             r = run_guest(script, socket_path=d.socket_path, **common)
+            info["daemon_cpu"] = round(mon.stop(), 2)
             rc = d.wait_exit(20)
             info["daemon_exit"] = rc
+            if count:
+                from collections import Counter
+                info["requests"] = dict(Counter(re.findall(
+                    r"vfsd\.server: ([A-Z_0-9]+) unique=", d.d.log_text())).most_common())
             if r.status != 0:
                 r.daemon_log = d.d.log_text()
     elif backend == "virtiofsd":
@@ -181,7 +224,9 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
                     raise RuntimeError("virtiofsd did not start: "
                                        + (workdir / "virtiofsd.log").read_text()[-2000:])
                 time.sleep(0.05)
+            mon = SessionCpu(proc.pid)
             r = run_guest(script, socket_path=sock, **common)
+            info["daemon_cpu"] = round(mon.stop(), 2)
             try:
                 info["daemon_exit"] = proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -217,18 +262,24 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench guest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated, from " + ",".join(BACKENDS))
+                   help="comma-separated, from " + ",".join(BACKENDS) + "; 'vfsd:OPTIONS' is "
+                        "vfsd with extra options (e.g. vfsd:--no-xattr), to compare settings")
     p.add_argument("--quick", action="store_true",
                    help="500 small files, 500-file 5 MB tree, 32 MiB file (under 3 minutes)")
     p.add_argument("--repeat", type=int, default=1,
                    help="boot each backend this many times (interleaved); the table shows "
                         "medians")
+    p.add_argument("--vfsd-args", default="",
+                   help="extra vfsd options, e.g. '--thread-pool-size 4' or '--cache always'")
+    p.add_argument("--count-requests", action="store_true",
+                   help="run vfsd with --log-level debug and print how many FUSE requests of "
+                        "each kind the workload sent (the logging slows vfsd down)")
     p.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     for b in backends:
-        if b not in BACKENDS:
-            p.error(f"unknown backend {b!r}")
+        if b.split(":")[0] not in BACKENDS or (":" in b and not b.startswith("vfsd:")):
+            p.error(f"unknown backend {b!r} (vfsd:OPTIONS runs vfsd with extra options)")
     if os.geteuid() != 0 and ("virtiofsd" in backends or "9p" in backends):
         note("guest: virtiofsd and 9p need root; skipping them")
         backends = [b for b in backends if b not in ("virtiofsd", "9p")]
@@ -255,8 +306,11 @@ def main(argv: list[str]) -> int:
         for rep in range(a.repeat):
             for b in backends:
                 note(f"guest: {b} (run {rep + 1}/{a.repeat})")
-                info = run_backend(b, kernel, script.replace("@MOUNT@", MOUNTS[b]), files,
-                                   workdir, timeout)
+                base, _, extra = b.partition(":")
+                info = run_backend(base, kernel, script.replace("@MOUNT@", MOUNTS[base]),
+                                   files, workdir, timeout,
+                                   shlex.split(a.vfsd_args) + shlex.split(extra),
+                                   a.count_requests)
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
                 note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
@@ -264,6 +318,15 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(runs, backends, dict(kernel=kernel.version, small=nsmall, **facts,
                                       big_mib=big, repeat=a.repeat)))
+    if a.vfsd_args:
+        print(f"(vfsd ran with {a.vfsd_args})")
+    for b in backends:
+        for r in runs[b][:1]:
+            if r.get("requests"):
+                total = sum(r["requests"].values())
+                print(f"\nFUSE requests the workload sent to {b} ({total:,} in all, FORGETs "
+                      "not logged): " + ", ".join(f"{k} {v:,}"
+                                                  for k, v in r["requests"].items()))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
                                                 small=nsmall, big_mib=big, runs=runs),
@@ -281,13 +344,15 @@ def report(runs: dict, backends: list[str], facts: dict) -> str:
             med[b][ph] = statistics.median(vals) if vals else None
         tot = [sum(r["phases"].values()) for r in ok]
         med[b]["total"] = statistics.median(tot) if tot else None
+        cpu = [r["daemon_cpu"] for r in ok if "daemon_cpu" in r]
+        med[b]["cpu"] = statistics.median(cpu) if cpu else None
     ref = "virtiofsd" if "virtiofsd" in backends else None
     hdr = ["phase"] + [f"{b} s" for b in backends]
     if ref:
         hdr += [f"{b} / virtiofsd" for b in backends if b != ref]
     rows = []
-    labels = dict(PHASES, total="total")
-    for ph in [p for p, _ in PHASES] + ["total"]:
+    labels = dict(PHASES, total="total", cpu="daemon CPU over the whole run (s)")
+    for ph in [p for p, _ in PHASES] + ["total", "cpu"]:
         label = labels[ph].replace("N", str(facts["small"]))
         if ph == "write" or ph == "read":
             label += f" ({facts['big_mib']} MiB)"

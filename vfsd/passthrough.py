@@ -63,6 +63,9 @@ class Inode:
     # fds replaced by _materialize, closed with the node (another thread may
     # still be using the number, which must not be reused under it)
     retired_fds: list[int] = field(default_factory=list)
+    # Whether the guest's security.capability may be set: None unknown, so a
+    # write that must drop capabilities costs a removexattr only once.
+    may_have_caps: bool | None = None
 
 
 @dataclass(eq=False)
@@ -496,6 +499,7 @@ class PassthroughFs:
                 if ch.kill_suidgid:
                     new = new.without_suid_sgid()
                     self._xremove_quiet(ino, self._caps, st)
+                    ino.may_have_caps = False
                 if new != old or self._load_record(ino, st) is None:
                     self._store_record(ino, new, st)
                 if ch.mode is not None and self.posix_acl:
@@ -715,24 +719,34 @@ class PassthroughFs:
         return os.preadv(self._handle(fh).fd, views, offset)
 
     def write(self, ctx: Ctx, nodeid: int, fh: int, offset: int, views: list,
-              kill_suidgid: bool = False) -> int:
+              kill_suidgid: bool = False, kill_caps: bool = False) -> int:
         self._check_writable()
         h = self._handle(fh)
-        if kill_suidgid:
-            self._kill_priv(self._inode(h.nodeid))
+        if kill_suidgid or kill_caps:
+            self._kill_priv(ctx, self._inode(h.nodeid), kill_suidgid, kill_caps)
         if not views:
             return 0
         return os.pwritev(h.fd, views, offset)
 
-    def _kill_priv(self, ino: Inode) -> None:
+    def _kill_priv(self, ctx: Ctx, ino: Inode, suidgid: bool, caps: bool) -> None:
+        """What a local filesystem's file_remove_privs() does on a write, when
+        the guest kernel leaves it to us: drop setuid; drop setgid when group
+        execute is set or the writer is outside the file's group (Linux
+        setattr_should_drop_sgid; the primary gid is all FUSE tells us); drop
+        the guest's file capabilities."""
         with ino.lock:
             st = os.fstat(ino.fd)
-            rec = self._load_record(ino, st)
-            if rec is not None and rec.mode & (stat.S_ISUID | stat.S_ISGID):
-                cleared = rec.without_suid_sgid()
-                if cleared != rec:
-                    self._store_record(ino, cleared, st)
-            self._xremove_quiet(ino, self._caps, st)
+            if suidgid:
+                rec = self._load_record(ino, st)
+                if rec is not None and stat.S_ISREG(rec.mode) and rec.mode & 0o6000:
+                    mode = rec.mode & ~stat.S_ISUID
+                    if rec.mode & stat.S_IXGRP or ctx.gid != rec.gid:
+                        mode &= ~stat.S_ISGID
+                    if mode != rec.mode:
+                        self._store_record(ino, rec.with_mode(mode), st)
+            if caps and ino.may_have_caps is not False:
+                self._xremove_quiet(ino, self._caps, st)
+                ino.may_have_caps = False
 
     def release(self, ctx: Ctx, nodeid: int, fh: int) -> None:
         with self._lock:
@@ -829,8 +843,11 @@ class PassthroughFs:
             host = self._host_xattr(name)
             return os.getxattr(proc_fd(ino.fd), host)
         except OSError as e:
-            if e.errno == errno.EPERM:  # refused by the map (as virtiofsd), or a host
-                raise OSError(errno.ENODATA, "no such attribute") from None  # special file
+            # EPERM: refused by --xattrmap (as virtiofsd) or a host special
+            # file; ERANGE: too long once escaped, so it cannot exist (and
+            # ERANGE would read as "buffer too small" to the caller).
+            if e.errno in (errno.EPERM, errno.ERANGE):
+                raise OSError(errno.ENODATA, "no such attribute") from None
             raise
 
     def listxattr(self, ctx: Ctx, nodeid: int) -> list[bytes]:
@@ -851,6 +868,8 @@ class PassthroughFs:
         if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
             with ino.lock:
                 self._materialize(ino, st)
+        if host == self._caps:
+            ino.may_have_caps = True
         if name == pacl.ACCESS and self.posix_acl:
             self._set_access_acl(ino, value, flags, acl_kill_sgid)
             return
@@ -883,15 +902,24 @@ class PassthroughFs:
     def removexattr(self, ctx: Ctx, nodeid: int, name: bytes) -> None:
         self._check_writable()
         ino = self._inode(nodeid)
-        os.removexattr(proc_fd(ino.fd), self._host_xattr(name))
+        try:
+            host = self._host_xattr(name)
+        except OSError as e:
+            if e.errno == errno.ERANGE:  # too long once escaped: cannot exist
+                raise OSError(errno.ENODATA, "no such attribute") from None
+            raise
+        os.removexattr(proc_fd(ino.fd), host)
 
     # ------------------------------------------------------------------
     # Operations: file space and copies
     # ------------------------------------------------------------------
     def fallocate(self, ctx: Ctx, nodeid: int, fh: int, offset: int, length: int,
-                  mode: int) -> None:
+                  mode: int, kill_suidgid: bool = False, kill_caps: bool = False) -> None:
         self._check_writable()
-        syscalls.fallocate(self._handle(fh).fd, mode, offset, length)
+        h = self._handle(fh)
+        if kill_suidgid or kill_caps:
+            self._kill_priv(ctx, self._inode(h.nodeid), kill_suidgid, kill_caps)
+        syscalls.fallocate(h.fd, mode, offset, length)
 
     def lseek(self, ctx: Ctx, nodeid: int, fh: int, offset: int, whence: int) -> int:
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
@@ -900,12 +928,15 @@ class PassthroughFs:
         return os.lseek(self._handle(fh).fd, offset, whence)
 
     def copy_file_range(self, ctx: Ctx, fh_in: int, off_in: int, fh_out: int, off_out: int,
-                        length: int, flags: int) -> int:
+                        length: int, flags: int, kill_suidgid: bool = False,
+                        kill_caps: bool = False) -> int:
         self._check_writable()
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
-        return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length,
-                                  off_in, off_out)
+        out = self._handle(fh_out)
+        if kill_suidgid or kill_caps:
+            self._kill_priv(ctx, self._inode(out.nodeid), kill_suidgid, kill_caps)
+        return os.copy_file_range(self._handle(fh_in).fd, out.fd, length, off_in, off_out)
 
     def syncfs(self, ctx: Ctx, nodeid: int) -> None:
         syscalls.syncfs(self._syncfs_fd)

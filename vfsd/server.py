@@ -362,6 +362,20 @@ class FuseServer:
             else:  # --no-xattr: ENOSYS, and the guest kernel stops asking
                 self._handlers.pop(op, None)
 
+    def _server_kills_caps(self) -> bool:
+        """Whether file capabilities must be dropped here on every write: with
+        HANDLE_KILLPRIV_V2 the guest kernel leaves it to us, and its direct-I/O
+        write path (cache=never) never drops them."""
+        return bool(self.flags & fuse.InitFlag.HANDLE_KILLPRIV_V2) or self.opts.direct_io
+
+    def _v2_kill(self, ctx: Ctx) -> dict:
+        """fallocate/copy_file_range under HANDLE_KILLPRIV_V2 carry no kill flag:
+        clear suid/sgid for callers without CAP_FSETID (approximated as
+        non-root: FUSE does not send capabilities) and capabilities always."""
+        if not self.flags & fuse.InitFlag.HANDLE_KILLPRIV_V2:
+            return {}
+        return dict(kill_suidgid=ctx.uid != 0, kill_caps=True)
+
     def _umask(self, umask: int) -> int:
         """The umask the filesystem must apply: only with DONT_MASK, else the
         guest kernel has applied it already."""
@@ -533,8 +547,9 @@ class FuseServer:
         if a.size > reader.remaining:
             raise ProtocolError(f"WRITE of {a.size} bytes carries only {reader.remaining}")
         views = reader.views(a.size) if a.size else []
-        n = self.fs.write(ctx, nodeid, a.fh, a.offset, views,
-                          kill_suidgid=bool(a.write_flags & fuse.WRITE_KILL_SUIDGID))
+        kill = bool(a.write_flags & fuse.WRITE_KILL_SUIDGID)
+        n = self.fs.write(ctx, nodeid, a.fh, a.offset, views, kill_suidgid=kill,
+                          kill_caps=kill or self._server_kills_caps())
         return fuse.fuse_write_out.pack(size=n)
 
     def _release(self, ctx, nodeid, reader, writer) -> bytes:
@@ -640,7 +655,7 @@ class FuseServer:
     # ------------------------------------------------------------------
     def _fallocate(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_fallocate_in.unpack(reader.read(fuse.fuse_fallocate_in.size))
-        self.fs.fallocate(ctx, nodeid, a.fh, a.offset, a.length, a.mode)
+        self.fs.fallocate(ctx, nodeid, a.fh, a.offset, a.length, a.mode, **self._v2_kill(ctx))
         return b""
 
     def _lseek(self, ctx, nodeid, reader, writer) -> bytes:
@@ -651,7 +666,7 @@ class FuseServer:
     def _copy_file_range(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_copy_file_range_in.unpack(reader.read(fuse.fuse_copy_file_range_in.size))
         n = self.fs.copy_file_range(ctx, a.fh_in, a.off_in, a.fh_out, a.off_out,
-                                    min(a.len, 0xFFFFFFFF), a.flags)
+                                    min(a.len, 0xFFFFFFFF), a.flags, **self._v2_kill(ctx))
         return fuse.fuse_write_out.pack(size=n)  # fuse_write_out.size is a u32
 
     def _syncfs(self, ctx, nodeid, reader, writer) -> bytes:

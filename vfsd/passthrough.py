@@ -705,9 +705,13 @@ class PassthroughFs:
                 self.forget(entry.nodeid, 1)
                 raise
             return self._entry(self._inode(entry.nodeid)), opened
+        return self._open_new(fd, rec, flags)
+
+    def _open_new(self, fd: int, rec: Record, flags: int) -> tuple[Entry, Opened]:
+        """Enter a just-made file (its O_RDWR fd, closed here) and open a handle
+        with the guest's own flags (O_APPEND, access mode, ...)."""
         try:
             ino = self._adopt_new(fd, rec)
-            # Reopen with the guest's own flags (O_APPEND, access mode, ...).
             hfd = os.open(proc_fd(fd), self._host_open_flags(flags))
         finally:
             os.close(fd)
@@ -948,13 +952,7 @@ class PassthroughFs:
         self._check_writable()
         parent = self._inode(parent_id)
         rec, xattrs = self._new_record(ctx, parent, stat.S_IFREG | (mode & 0o7777), umask=umask)
-        fd = self._make_file(parent, None, rec, xattrs=xattrs)
-        try:
-            ino = self._adopt_new(fd, rec)
-            hfd = os.open(proc_fd(fd), self._host_open_flags(flags))
-        finally:
-            os.close(fd)
-        return self._entry(ino), Opened(self._new_handle(hfd, ino.nodeid))
+        return self._open_new(self._make_file(parent, None, rec, xattrs=xattrs), rec, flags)
 
     def close(self) -> None:
         """Release every fd (for tests and embedding; the daemon just exits)."""

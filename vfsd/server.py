@@ -524,7 +524,11 @@ class FuseServer:
     def _create(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_create_in.unpack(reader.read(fuse.fuse_create_in.size))
         name = _parse_names(reader, 1)[0]
-        entry, o = self.fs.create(ctx, nodeid, name, a.mode, self._umask(a.umask), a.flags)
+        return self._entry_open(*self.fs.create(ctx, nodeid, name, a.mode,
+                                                self._umask(a.umask), a.flags))
+
+    def _entry_open(self, entry: Entry, o) -> bytes:
+        """CREATE/TMPFILE reply: fuse_entry_out then fuse_open_out."""
         return self._entry(entry) + fuse.fuse_open_out.pack(
             fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
 
@@ -532,9 +536,8 @@ class FuseServer:
         # FUSE_TMPFILE (7.37) carries fuse_create_in and a name the kernel
         # makes up; the object stays unnamed until a LINK.
         a = fuse.fuse_create_in.unpack(reader.read(fuse.fuse_create_in.size))
-        entry, o = self.fs.tmpfile(ctx, nodeid, a.mode, self._umask(a.umask), a.flags)
-        return self._entry(entry) + fuse.fuse_open_out.pack(
-            fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
+        return self._entry_open(*self.fs.tmpfile(ctx, nodeid, a.mode, self._umask(a.umask),
+                                                 a.flags))
 
     def _read(self, ctx, nodeid, reader, writer) -> int:
         a = fuse.fuse_read_in.unpack(reader.read(fuse.fuse_read_in.size))

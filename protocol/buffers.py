@@ -79,6 +79,13 @@ class Reader:
 
     def read(self, n: int) -> bytes:
         """The next `n` bytes, copied (for headers and names)."""
+        # Fast path: the bytes sit in the current buffer (the usual case).
+        if n <= self.remaining and self._index < len(self._views):
+            v, off = self._views[self._index], self._offset
+            if off + n < len(v):
+                self._offset = off + n
+                self.remaining -= n
+                return bytes(v[off:off + n])
         parts = self.views(n)
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
@@ -106,6 +113,12 @@ class Writer:
         """Reserve the next `n` bytes and return them as views to fill in place."""
         if n > self.room:
             raise BufferError_(f"reply of {n} bytes does not fit in {self.room}")
+        if self._index < len(self._views):
+            v, off = self._views[self._index], self._offset
+            if off + n < len(v):  # fast path: inside the current buffer
+                self._offset = off + n
+                self.written += n
+                return [v[off:off + n]]
         out, self._index, self._offset = _take(self._views, self._index, self._offset, n)
         self.written += n
         return out

@@ -24,7 +24,7 @@ class WireStruct:
     so that the layout reads like the C header it mirrors.
     """
 
-    __slots__ = ("name", "fields", "tuple", "size", "_struct", "_nested", "_flat_len")
+    __slots__ = ("name", "fields", "tuple", "size", "_struct", "_nested", "_flat_len", "_plain")
 
     def __init__(self, name: str, fields: Sequence[Field]):
         self.name = name
@@ -45,6 +45,7 @@ class WireStruct:
         self._struct = struct.Struct(fmt)
         self._nested = tuple(nested)
         self._flat_len = flat
+        self._plain = all(sub is None for _, _, sub in nested)  # no nested structs
         self.size = self._struct.size
 
     def __repr__(self) -> str:
@@ -81,6 +82,20 @@ class WireStruct:
             _values = base
         return self._struct.pack(*self._flatten(_values))
 
+    @property
+    def flat_fields(self) -> tuple[str, ...]:
+        """Field names in the order `flat_pack` takes them (nested structs inlined,
+        as `outer.inner`)."""
+        out: list[str] = []
+        for (fname, _), (_, _, sub) in zip(self.fields, self._nested):
+            out.extend([fname] if sub is None else [f"{fname}.{n}" for n in sub.flat_fields])
+        return tuple(out)
+
+    def flat_pack(self, *values: Any) -> bytes:
+        """Pack positional values in `flat_fields` order: the fast path for
+        replies sent on every request (no per-field lookups)."""
+        return self._struct.pack(*values)
+
     def pack_into(self, buf: Any, offset: int, _values: Any = None, **kw: Any) -> None:
         if kw:
             base = {} if _values is None else (
@@ -99,9 +114,7 @@ class WireStruct:
     def unpack_from(self, buf: Any, offset: int = 0) -> Any:
         """Unpack one struct at `offset`; raises `struct.error` if `buf` is short."""
         flat = self._struct.unpack_from(buf, offset)
-        if len(flat) == len(self.fields) and all(s is None for _, _, s in self._nested):
-            return self.tuple._make(flat)
-        return self._build(flat)
+        return self.tuple._make(flat) if self._plain else self._build(flat)
 
     def unpack(self, buf: Any) -> Any:
         """Unpack a buffer that must be exactly `size` bytes long."""

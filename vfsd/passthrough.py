@@ -66,6 +66,9 @@ class Inode:
     # Whether the guest's security.capability may be set: None unknown, so a
     # write that must drop capabilities costs a removexattr only once.
     may_have_caps: bool | None = None
+    # The default record (no valid record of our own), keyed by the host
+    # fields it is made from, so GETATTR does not rebuild it every time.
+    default: tuple[tuple, Record] | None = None
 
 
 @dataclass(eq=False)
@@ -247,8 +250,14 @@ class PassthroughFs:
         rec = self._load_record(ino, st)
         if rec is not None:
             return rec
-        return ownership.default_record(st.st_uid, st.st_gid, st.st_mode, self.uidmap,
-                                        self.gidmap, host_rdev=st.st_rdev)
+        key = (st.st_uid, st.st_gid, st.st_mode, st.st_rdev)
+        cached = ino.default
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rec = ownership.default_record(st.st_uid, st.st_gid, st.st_mode, self.uidmap,
+                                       self.gidmap, host_rdev=st.st_rdev)
+        ino.default = (key, rec)
+        return rec
 
     def _store_record(self, ino: Inode, rec: Record, st: os.stat_result) -> None:
         if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:

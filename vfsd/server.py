@@ -168,7 +168,7 @@ class FuseServer:
             else:
                 writer.write(body)
                 length = OUT_HEADER + len(body)
-        hdr = fuse.fuse_out_header.pack(len=length, error=-error, unique=h.unique)
+        hdr = fuse.fuse_out_header.flat_pack(length, -error, h.unique)
         pos = 0
         for v in header_views:
             v[:] = hdr[pos:pos + len(v)]
@@ -247,6 +247,19 @@ class FuseServer:
     # Encoding helpers
     # ------------------------------------------------------------------
     @staticmethod
+    def _attr_values(a: Attr) -> tuple:
+        """fuse_attr in flat_pack order (fuse_attr.flat_fields)."""
+        asec, ans = divmod(a.atime_ns, 1_000_000_000)
+        msec, mns = divmod(a.mtime_ns, 1_000_000_000)
+        csec, cns = divmod(a.ctime_ns, 1_000_000_000)
+        dev = a.rdev
+        major, minor = (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+        return (a.ino, a.size, a.blocks, asec & _U64, msec & _U64, csec & _U64, ans, mns, cns,
+                a.mode, a.nlink, a.uid, a.gid,
+                ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF,
+                a.blksize, fuse.ATTR_SUBMOUNT if a.submount else 0)
+
+    @staticmethod
     def _attr_fields(a: Attr) -> dict:
         asec, ans = divmod(a.atime_ns, 1_000_000_000)
         msec, mns = divmod(a.mtime_ns, 1_000_000_000)
@@ -273,12 +286,16 @@ class FuseServer:
                     attr=self._attr_fields(e.attr))
 
     def _entry(self, e: Entry) -> bytes:
-        return fuse.fuse_entry_out.pack(self._entry_fields(e))
+        attr = e.attr
+        if attr.submount and not self.flags & fuse.InitFlag.SUBMOUNTS:
+            attr = replace(attr, submount=False)
+        return fuse.fuse_entry_out.flat_pack(
+            e.nodeid, e.generation, self._entry_valid[0], self._attr_valid[0],
+            self._entry_valid[1], self._attr_valid[1], *self._attr_values(attr))
 
     def _attr_out(self, a: Attr) -> bytes:
-        return fuse.fuse_attr_out.pack(attr_valid=self._attr_valid[0],
-                                       attr_valid_nsec=self._attr_valid[1],
-                                       attr=self._attr_fields(a))
+        return fuse.fuse_attr_out.flat_pack(self._attr_valid[0], self._attr_valid[1], 0,
+                                            *self._attr_values(a))
 
     def _open_flags(self, is_dir: bool) -> int:
         flags = 0

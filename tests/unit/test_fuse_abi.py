@@ -87,3 +87,29 @@ def test_nested_round_trip():
 
 def test_dirent_align():
     assert [fuse.dirent_align(n) for n in (0, 1, 8, 25, 32)] == [0, 8, 8, 32, 32]
+
+
+def test_flat_field_orders_used_by_the_server():
+    """server.py packs these replies positionally: the order must not drift."""
+    attr = ("ino", "size", "blocks", "atime", "mtime", "ctime", "atimensec", "mtimensec",
+            "ctimensec", "mode", "nlink", "uid", "gid", "rdev", "blksize", "flags")
+    assert fuse.fuse_attr.flat_fields == attr
+    assert fuse.fuse_entry_out.flat_fields == (
+        "nodeid", "generation", "entry_valid", "attr_valid", "entry_valid_nsec",
+        "attr_valid_nsec") + tuple(f"attr.{n}" for n in attr)
+    assert fuse.fuse_attr_out.flat_fields == (
+        "attr_valid", "attr_valid_nsec", "dummy") + tuple(f"attr.{n}" for n in attr)
+    assert fuse.fuse_out_header.flat_fields == ("len", "error", "unique")
+
+
+def test_server_attr_encoding_matches_keyword_packing():
+    from vfsd.fsapi import Attr, Entry
+    from vfsd.server import FuseServer
+    a = Attr(ino=7, size=1 << 40, blocks=9, atime_ns=-1_500_000_000, mtime_ns=2, ctime_ns=3,
+             mode=0o20644, nlink=2, uid=1, gid=2, rdev=__import__("os").makedev(300, 70000),
+             blksize=4096)
+    srv = FuseServer(fs=None)
+    got = fuse.fuse_entry_out.unpack(srv._entry(Entry(5, 0, a)))
+    want = srv._attr_fields(a)
+    assert got.attr._asdict() == want and got.nodeid == 5
+    assert fuse.fuse_attr_out.unpack(srv._attr_out(a)).attr._asdict() == want

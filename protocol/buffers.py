@@ -43,10 +43,12 @@ class Reader:
     __slots__ = ("_views", "_index", "_offset", "remaining")
 
     def __init__(self, views: Sequence[memoryview], limit: int | None = None):
-        self._views = [v.cast("B") if v.format != "B" else v for v in views]
+        # Views are byte views (memoryview of guest memory or of bytes): len()
+        # counts bytes.
+        self._views = views
         self._index = 0
         self._offset = 0
-        total = sum(len(v) for v in self._views)
+        total = sum(map(len, views))
         self.remaining = total if limit is None else min(total, limit)
 
     @classmethod
@@ -99,10 +101,10 @@ class Writer:
     __slots__ = ("_views", "_index", "_offset", "capacity", "written")
 
     def __init__(self, views: Sequence[memoryview]):
-        self._views = [v.cast("B") if v.format != "B" else v for v in views]
+        self._views = views  # byte views, as for Reader
         self._index = 0
         self._offset = 0
-        self.capacity = sum(len(v) for v in self._views)
+        self.capacity = sum(map(len, views))
         self.written = 0
 
     @property

@@ -101,7 +101,7 @@ def _map_fd(region: MemoryRegion, fd: int) -> _Mapped:
 class GuestMemory:
     """An immutable set of non-overlapping guest memory regions."""
 
-    __slots__ = ("_maps", "_starts")
+    __slots__ = ("_maps", "_starts", "_spans")
 
     def __init__(self, mapped: Iterable[_Mapped] = ()):
         maps = sorted(mapped, key=lambda m: m.gpa)
@@ -111,6 +111,8 @@ class GuestMemory:
                                        f"{b.region.describe()}")
         self._maps: tuple[_Mapped, ...] = tuple(maps)
         self._starts = [m.gpa for m in maps]
+        # (first gpa, end gpa, view) per region, for the per-descriptor fast path
+        self._spans = tuple((m.gpa, m.gpa + m.size, m.buf) for m in maps)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -192,6 +194,12 @@ class GuestMemory:
         Raises GuestMemoryError unless every byte is guest memory.  A zero
         length gives no views (and touches nothing).
         """
+        # Fast path: the buffer lies inside one region (a guest has one or two).
+        if length > 0 and gpa >= 0:
+            for start, stop, buf in self._spans:
+                if start <= gpa and gpa + length <= stop:
+                    off = gpa - start
+                    return [buf[off:off + length]]
         if length < 0 or gpa < 0:
             raise GuestMemoryError(f"bad guest memory range: gpa 0x{gpa:x} len {length}")
         if length == 0:

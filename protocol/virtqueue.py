@@ -254,8 +254,8 @@ class Virtqueue:
                     raise VirtqueueError(f"descriptor {i}{where} (chain head {head}) is "
                                          f"device-readable but follows a device-writable one")
                 if length:
-                    readable.extend(v.toreadonly()
-                                    for v in self._views(mem, addr, length, i, head, where))
+                    for v in self._views(mem, addr, length, i, head, where):
+                        readable.append(v.toreadonly())
                     rlen += length
             # A zero-length buffer is legal and simply contributes no bytes.
             if rlen + wlen > MAX_CHAIN_BYTES:

@@ -64,8 +64,11 @@ def main(argv: list[str]) -> int:
     else:
         print(f"unknown benchmark {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
         return 2
+    import subprocess
     from .common import loadavg, quiet_machine
-    print(f"# {cmd}: {quiet_machine(wait)}", flush=True)
+    rev = subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    print(f"# {cmd}: code {rev.stdout.strip() or '?'}; {quiet_machine(wait)}", flush=True)
     try:
         return m(rest)
     finally:

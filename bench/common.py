@@ -86,14 +86,25 @@ def make_workdir(prefix: str = "vfsd-bench-") -> Path:
     return d
 
 
-def _profiling_source(tmp: Path) -> Path:
+def source_at(rev: str, dest: Path) -> Path:
+    """The vfsd and protocol packages as of git revision `rev`, extracted under `dest` (a
+    source root for BenchDaemon), to compare the daemon's code at two revisions."""
+    import subprocess
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "vfsd", "protocol"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def _profiling_source(tmp: Path, source_root: Path = REPO) -> Path:
     """A copy of the vfsd and protocol packages plus vfsd/_bench_profile.py (the profiling
     entry point) to hand to Daemon as its source root."""
     src = tmp / "src"
     if src.exists():
         shutil.rmtree(src)
     for pkg in ("vfsd", "protocol"):
-        shutil.copytree(REPO / pkg, src / pkg,
+        shutil.copytree(source_root / pkg, src / pkg,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (src / "vfsd" / "_bench_profile.py").write_text(_PROFILE_MAIN)
     return src
@@ -103,19 +114,26 @@ class BenchDaemon:
     """vfsd serving `share` on `workdir/run/vfsd.sock`, unprivileged."""
 
     def __init__(self, workdir: Path, share: Path, args: list[str] | tuple[str, ...] = (),
-                 profile: Path | None = None, chown_shared: bool = True):
+                 profile: Path | None = None, chown_shared: bool = True,
+                 source_root: Path | None = None):
+        """source_root: where the vfsd and protocol packages come from (default: this
+        checkout; see source_at)."""
         self.workdir = workdir
         self.share = share
         self.profile = profile
         extra = ["--log-level", "info", *args]
-        kw = {}
+        kw = {} if source_root is None else dict(source_root=source_root)
         if profile is not None:
             # written by the daemon's user: keep it in the socket's directory, which is its own
             assert profile.parent == workdir / "run", profile
-            kw = dict(source_root=_profiling_source(workdir), module="vfsd._bench_profile")
+            kw = dict(source_root=_profiling_source(workdir, source_root or REPO),
+                      module="vfsd._bench_profile")
             os.environ["VFSD_BENCH_PROFILE"] = str(profile)
+        log = workdir / "vfsd.log"     # one daemon's log at a time (Daemon appends)
+        if log.exists():
+            log.unlink()
         self.d = Daemon(share, workdir / "run" / "vfsd.sock", extra_args=extra,
-                        chown_shared=chown_shared, log_path=workdir / "vfsd.log", **kw)
+                        chown_shared=chown_shared, log_path=log, **kw)
 
     def __enter__(self) -> "BenchDaemon":
         self.d.start()
@@ -203,15 +221,6 @@ def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.elapsed = time.perf_counter() - self.t0
-
-
 def loadavg() -> float:
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
@@ -246,7 +255,8 @@ def quiet_machine(wait: float = 0.0, threshold: float = 0.6) -> str:
         time.sleep(5)
     msg = f"load average {la:.2f} at start"
     if others:
-        msg += f"; WARNING: {len(others)} other QEMU/vfsd processes running ({', '.join(others[:4])}...)"
+        msg += (f"; WARNING: {len(others)} other QEMU/vfsd processes running "
+                f"({', '.join(others[:4])}...)")
     elif la >= threshold:
         msg += " (WARNING: machine busy)"
     return msg

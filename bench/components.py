@@ -8,9 +8,9 @@ Run under the daemon's interpreter (`python3 -m bench` re-executes itself with i
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
-import stat
 import struct
 import time
 
@@ -19,7 +19,7 @@ from protocol.buffers import Reader, Writer
 from protocol.memory import GuestMemory
 from protocol.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
 from vfsd import ownership
-from vfsd.fsapi import Attr, Ctx
+from vfsd.fsapi import Attr, Ctx, Entry
 from vfsd.passthrough import PassthroughFs
 from vfsd.server import FuseServer, SessionOptions
 
@@ -140,9 +140,10 @@ def main(argv: list[str]) -> int:
         st = os.stat(root / "f0")
         attr = Attr(st.st_ino, st.st_size, st.st_blocks, st.st_atime_ns, st.st_mtime_ns,
                     st.st_ctime_ns, 0o100644, 1, 1000, 1000, 0, 4096)
+        entry = Entry(node, 0, attr)
         srv = ip.srv
         attr_out = struct.Struct("<QIIQQQQQQIIIIIIIIII")   # fuse_attr_out, flat
-        out_hdr = struct.Struct("<IiQ")
+        small = struct.Struct("<QII")                      # fuse_open_out
 
         def fast_attr_out(a=attr):
             asec, ans = divmod(a.atime_ns, 1_000_000_000)
@@ -151,25 +152,66 @@ def main(argv: list[str]) -> int:
             return attr_out.pack(1, 0, 0, a.ino, a.size, a.blocks, asec, msec, csec, ans, mns,
                                  cns, a.mode, a.nlink, a.uid, a.gid, 0, a.blksize, 0)
         assert fast_attr_out() == srv._attr_out(attr), "fast_attr_out differs"
+        dplus = fuse.fuse_direntplus._struct
+
+        def kw_direntplus():
+            return fuse.fuse_direntplus.pack(entry_out=srv._entry_fields(entry),
+                                             dirent=dict(ino=5, off=3, namelen=2, type=8))
+
+        ev, av = srv._entry_valid, srv._attr_valid
+
+        def flat_direntplus():
+            return dplus.pack(entry.nodeid, entry.generation, ev[0], av[0], ev[1], av[1],
+                              *srv._attr_values(entry.attr), 5, 3, 2, 8)
+        assert kw_direntplus() == flat_direntplus()
         hdr_bytes = ip.request(fuse.Opcode.GETATTR, 5, fuse.fuse_getattr_in.pack())[:40]
         in_hdr = struct.Struct("<IIQQIIIHH")
+        # guest memory: views() as the ring uses it, and a one-region fast path
+        gbuf = bytearray(1 << 20)
+        gmem = GuestMemory.from_buffers([(0x100000, gbuf)])
+        starts = [r.guest_phys_addr for r in gmem.regions]
+        ends = [r.guest_phys_addr + r.memory_size for r in gmem.regions]
+        bufs = [memoryview(gbuf)]
+
+        def fast_views(gpa=0x100400, length=4096):
+            i = bisect.bisect_right(starts, gpa) - 1
+            if i >= 0 and gpa + length <= ends[i]:
+                off = gpa - starts[i]
+                return [bufs[i][off:off + length]]
+            return gmem.views(gpa, length)
+        rec_bytes = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
+        rec_struct = struct.Struct("<BBHIIIII")
+        interned: dict = {}
+
+        def interned_decode(b=rec_bytes):
+            r = interned.get(b)
+            if r is None:
+                r = interned[b] = ownership.decode(b, None, name=b"user.o")
+            return r
         pieces = [
-            ("encode fuse_attr_out: WireStruct.pack(dict) via _attr_fields",
-             lambda: srv._attr_out(attr), "one struct.Struct.pack with positional args",
+            ("encode fuse_attr_out: FuseServer._attr_out (flat_pack)",
+             lambda: srv._attr_out(attr), "one struct.Struct.pack, values inline",
              fast_attr_out),
-            ("encode fuse_out_header: WireStruct.pack(len=, error=, unique=)",
-             lambda: fuse.fuse_out_header.pack(len=16, error=0, unique=2),
-             "struct.Struct.pack(16, 0, 2)", lambda: out_hdr.pack(16, 0, 2)),
+            ("encode one READDIRPLUS entry: fuse_direntplus.pack(entry_out=dict, dirent=dict)",
+             kw_direntplus, "flat struct pack of the same values", flat_direntplus),
+            ("encode fuse_open_out / fuse_write_out: WireStruct.pack(fh=..., ...)",
+             lambda: fuse.fuse_open_out.pack(fh=3, open_flags=0),
+             "struct.Struct.pack(3, 0, 0)", lambda: small.pack(3, 0, 0)),
             ("decode fuse_in_header: WireStruct.unpack (namedtuple)",
              lambda: fuse.fuse_in_header.unpack(hdr_bytes),
              "struct.Struct.unpack_from (plain tuple)", lambda: in_hdr.unpack_from(hdr_bytes)),
             ("opcode: fuse.Opcode(h.opcode) (enum lookup)", lambda: fuse.Opcode(3),
              "dict lookup of the handler by int", lambda: srv._handlers.get(3)),
+            ("GuestMemory.views(gpa, 4096) (each descriptor of each chain)",
+             lambda: gmem.views(0x100400, 4096), "bisect + one-region fast path", fast_views),
             ("Reader([view]) + Writer([view, view]) construction",
              lambda: (Reader([memoryview(hdr_bytes)]),
                       Writer([memoryview(ip.out)[:16], memoryview(ip.out)[16:]])),
              "-", None),
-            ("PassthroughFs.getattr (fstat + record lookup + Attr)",
+            ("ownership.decode(record) (each LOOKUP of a new node)",
+             lambda: ownership.decode(rec_bytes, None, name=b"user.o"),
+             "dict of already-decoded records (interning)", interned_decode),
+            ("PassthroughFs.getattr (fstat + cached record + Attr)",
              lambda: ip.fs.getattr(Ctx(0, 0, 1), node, None), "os.fstat alone",
              lambda fd=ip.fs._inode(node).fd: os.fstat(fd)),
         ]

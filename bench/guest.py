@@ -145,6 +145,55 @@ def bench_kernel() -> tuple[Kernel, str]:
                f"using {k.version}; the 9p backend is skipped")
 
 
+def count_requests(log: str, script: str) -> tuple[dict, dict]:
+    """Requests by opcode in vfsd's debug log, in all and per phase.  In counting mode every
+    `mark` and `drop` in the script does one `sync` (a SYNCFS request), so the log is cut at
+    the SYNCFS lines and the cuts are matched to the script's marks in order."""
+    from collections import Counter
+    ops = re.findall(r"vfsd\.server: ([A-Z_0-9]+) unique=", log)
+    total = Counter(o for o in ops if o != "SYNCFS")
+    steps = re.findall(r"^(?:mark (\S+)|(drop))$", script, re.M)
+    steps = [m or "drop" for m, _ in steps]
+    segments: list[Counter] = [Counter()]
+    for o in ops:
+        if o == "SYNCFS":
+            segments.append(Counter())
+        else:
+            segments[-1][o] += 1
+    per_phase = {}
+    for i, step in enumerate(steps):
+        if step.endswith(".end") or step == "drop":
+            continue
+        try:
+            j = steps.index(step + ".end", i)
+        except ValueError:
+            continue
+        c = Counter()
+        for seg in segments[i + 1:j + 1]:
+            c.update(seg)
+        per_phase[step] = dict(c.most_common())
+    return dict(total.most_common()), per_phase
+
+
+def profile_report(prof: Path, top: int) -> str:
+    """bench.profile's tables for a daemon profiled through a whole guest run (requests =
+    calls of FuseServer.handle)."""
+    import pstats
+    from . import profile as P
+    st = pstats.Stats(str(prof))
+    key = P.find(st, "vfsd/server", "handle")
+    n = st.stats[key][1] if key else 1
+    r = P.analyse(prof, n, top)
+    return "\n".join([
+        f"vfsd under cProfile through the whole guest workload: {n:,} FUSE requests "
+        f"(FORGETs included), ring worker busy {r['busy']:.1f} s "
+        f"({1e6 * r['busy'] / n:.0f} µs per request, profiler overhead included)",
+        "Most self time:", fmt_table(["function", "calls/req", "µs/req", "% of busy"], r["self"]),
+        "Most cumulative time:",
+        fmt_table(["function", "calls/req", "µs/req", "% of busy"], r["cum"]),
+        "Self time by kind of work:", fmt_table(["kind", "µs/req", "% of busy"], r["cats"])])
+
+
 def parse_marks(output: str) -> dict[str, float]:
     t = {}
     for m in re.finditer(r"^@T (\S+) ([0-9.]+)$", output, re.M):
@@ -189,7 +238,8 @@ class SessionCpu:
 
 
 def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
-                timeout: float, vfsd_args: list[str] = (), count: bool = False) -> dict:
+                timeout: float, vfsd_args: list[str] = (), count: bool = False,
+                profile_top: int = 0) -> dict:
     share = workdir / f"share-{backend}"
     share.mkdir()
     os.chmod(share, 0o755)
@@ -197,8 +247,14 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
     t0 = time.monotonic()
     info: dict = {"backend": backend}
     if backend == "vfsd":
+        prof = workdir / "run" / "vfsd-guest.prof" if profile_top else None
+        if prof is not None:
+            prof.parent.mkdir(exist_ok=True)
+            if prof.exists():
+                prof.unlink()
         d = BenchDaemon(workdir, share,
-                        [*vfsd_args, *(["--log-level", "debug"] if count else [])])
+                        [*vfsd_args, *(["--log-level", "debug"] if count else [])],
+                        profile=prof)
         with d:
             mon = SessionCpu(d.pid)
             r = run_guest(script, socket_path=d.socket_path, **common)
@@ -206,9 +262,10 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
             rc = d.wait_exit(20)
             info["daemon_exit"] = rc
             if count:
-                from collections import Counter
-                info["requests"] = dict(Counter(re.findall(
-                    r"vfsd\.server: ([A-Z_0-9]+) unique=", d.d.log_text())).most_common())
+                info["requests"], info["phase_requests"] = count_requests(d.d.log_text(),
+                                                                          script)
+            if prof is not None and prof.exists():
+                info["profile"] = profile_report(prof, profile_top)
             if r.status != 0:
                 r.daemon_log = d.d.log_text()
     elif backend == "virtiofsd":
@@ -274,6 +331,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--count-requests", action="store_true",
                    help="run vfsd with --log-level debug and print how many FUSE requests of "
                         "each kind the workload sent (the logging slows vfsd down)")
+    p.add_argument("--profile", type=int, metavar="TOP", default=0,
+                   help="run vfsd under cProfile (all threads) and print its TOP functions "
+                        "for the whole workload (the profiler slows vfsd 2-3x)")
     p.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -292,6 +352,8 @@ def main(argv: list[str]) -> int:
     nsmall, tfiles, tbytes, big = SIZES["quick" if a.quick else "full"]
     tar, facts = make_tarball(tfiles, tbytes)
     script = SCRIPT
+    if a.count_requests:   # a SYNCFS before every mark cuts vfsd's log into phases
+        script = script.replace('mark() { read up', 'mark() { sync; read up')
     for k, v in (("@N@", nsmall), ("@BYTES@", facts["regular_bytes"]), ("@BIG@", big),
                  ("@SAMPLE@", facts["sample"]), ("@OWNER@", "1000:1000")):
         script = script.replace(k, str(v))
@@ -310,7 +372,7 @@ def main(argv: list[str]) -> int:
                 info = run_backend(base, kernel, script.replace("@MOUNT@", MOUNTS[base]),
                                    files, workdir, timeout,
                                    shlex.split(a.vfsd_args) + shlex.split(extra),
-                                   a.count_requests)
+                                   a.count_requests, a.profile)
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
                 note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
@@ -322,11 +384,21 @@ def main(argv: list[str]) -> int:
         print(f"(vfsd ran with {a.vfsd_args})")
     for b in backends:
         for r in runs[b][:1]:
+            if r.get("profile"):
+                print(f"\n{b}: " + r["profile"])
             if r.get("requests"):
                 total = sum(r["requests"].values())
                 print(f"\nFUSE requests the workload sent to {b} ({total:,} in all, FORGETs "
                       "not logged): " + ", ".join(f"{k} {v:,}"
                                                   for k, v in r["requests"].items()))
+                rows = []
+                for ph, label in PHASES:
+                    c = r.get("phase_requests", {}).get(ph)
+                    if c is not None:
+                        rows.append([label.replace("N", str(nsmall)), sum(c.values()), ", ".join(
+                            f"{k} {v:,}" for k, v in list(c.items())[:6])])
+                if rows:
+                    print(fmt_table(["phase", "requests", "most frequent"], rows, "lrl"))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
                                                 small=nsmall, big_mib=big, runs=runs),

@@ -152,8 +152,9 @@ def main(argv: list[str]) -> int:
         print(fmt_table(["state", "VmRSS MiB", "VmHWM (peak) MiB", "open fds", "threads",
                          "phase s"], rows))
         print(f"\nper live node: {figures['per_node']:,.0f} bytes of RSS "
-              f"(measured with {figures['live']:,} live; {figures['per_node'] * n / 2**20:,.0f} MiB "
-              f"for {n:,}); LOOKUP {figures['rate']:,.0f}/s at depth {a.depth}, "
+              f"(measured with {figures['live']:,} live; "
+              f"{figures['per_node'] * n / 2**20:,.0f} MiB for {n:,}); "
+              f"LOOKUP {figures['rate']:,.0f}/s at depth {a.depth}, "
               f"{figures['cpu_us']:.0f} µs daemon CPU each (with FORGETs)")
         if figures.get("failed"):
             i, why = figures["failed"]

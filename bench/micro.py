@@ -18,8 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from tests.frontend import Buffer
 from vfsd import ownership
 
 from . import client as C
-from .common import BenchDaemon, Timer, cpu_seconds, fmt_table, make_workdir, note
+from .common import BenchDaemon, cpu_seconds, fmt_table, make_workdir, note
 
 RECORD = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
 DIR_RECORD = ownership.encode(ownership.Record(1000, 1000, 0o40755), name=b"user.o")
@@ -464,11 +462,12 @@ def _linkat(fd: int, dirfd: int, name: bytes) -> None:
 
 def run_fuse(workdir: Path, share: Path, *, args=(), depth: int, min_time: float,
              nfiles: int, big: int, ops: list[str], queues: int = 1,
-             profile: Path | None = None) -> dict[str, Figure]:
+             profile: Path | None = None, source_root: Path | None = None
+             ) -> dict[str, Figure]:
     """One daemon; every op in `ops` at `depth`.  With queues=2, each op runs on both request
     queues at once (one frontend thread per queue) and the figures are summed."""
     results: dict[str, Figure] = {}
-    with BenchDaemon(workdir, share, args, profile=profile) as d:
+    with BenchDaemon(workdir, share, args, profile=profile, source_root=source_root) as d:
         sess = C.Session(d.socket_path, request_queues=queues)
         try:
             benches = [Bench(sess, d.pid, depth, min_time, nfiles, big, queue=q + 1)
@@ -517,8 +516,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--files", type=int, default=5000, help="files in the share (default 5000)")
     p.add_argument("--no-variants", action="store_true",
                    help="skip the thread-pool / request-queue comparison")
+    p.add_argument("--compare", metavar="REV[,REV...]",
+                   help="instead: the daemon's code at these git revisions (and 'worktree' for "
+                        "this checkout) side by side, at depth --depth, alternating --rounds "
+                        "times; medians of rate and daemon CPU per request")
+    p.add_argument("--rounds", type=int, default=3, help="rounds for --compare (3)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     a = p.parse_args(argv)
+    if a.compare:
+        return compare(a.compare.split(","), a.rounds, a.depth, a.time or (0.4 if a.quick
+                                                                              else 1.0),
+                       a.files)
     min_time = a.time or (0.4 if a.quick else 1.5)
     big = 64 * MiB
     workdir = make_workdir()
@@ -552,6 +560,44 @@ def main(argv: list[str]) -> int:
         if a.json:
             dump = {"depth1": d1, "depthN": dn, "direct": dr, "variants": variants}
             Path(a.json).write_text(json.dumps(dump, default=_jsonable, indent=1))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def compare(revs: list[str], rounds: int, depth: int, min_time: float, nfiles: int) -> int:
+    """The FUSE ops against the daemon's code at several revisions, interleaved."""
+    import statistics
+    from .common import source_at
+    big = 64 * MiB
+    workdir = make_workdir()
+    try:
+        make_share(workdir / "share", nfiles, big)
+        roots = {}
+        for rev in revs:
+            roots[rev] = None if rev == "worktree" else source_at(rev, workdir / f"src-{rev}")
+        keys = [k for k, *_ in FUSE_OPS]
+        got: dict[str, dict[str, list[Figure]]] = {r: {k: [] for k in keys} for r in revs}
+        for rnd in range(rounds):
+            for rev in revs:
+                note(f"micro: {rev} (round {rnd + 1}/{rounds})")
+                res = run_fuse(workdir, workdir / "share", depth=depth, min_time=min_time,
+                               nfiles=nfiles, big=big, ops=keys, source_root=roots[rev])
+                for k in keys:
+                    got[rev][k].append(res[k])
+        rows = []
+        for key, label, _m, unit in FUSE_OPS:
+            row = [label, unit]
+            for rev in revs:
+                figs = got[rev][key]
+                row.append(statistics.median(_value(f, unit) for f in figs))
+                row.append(statistics.median(f.cpu_us_per_req for f in figs))
+            rows.append(row)
+        hdr = ["operation", "unit"]
+        for rev in revs:
+            hdr += [f"{rev} rate", f"{rev} CPU µs/req"]
+        print(f"Daemon code by revision (depth {depth}, median of {rounds} alternating rounds)")
+        print(fmt_table(hdr, rows))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

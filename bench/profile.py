@@ -178,8 +178,6 @@ def main(argv: list[str]) -> int:
 
 def _py_spy(workdir, op, label, depth, min_time, nfiles, big, keep) -> None:
     """Run the op against an unprofiled daemon while py-spy samples it (collapsed stacks)."""
-    import threading
-
     from .common import BenchDaemon
     from . import client as C
     spy = shutil.which("py-spy")

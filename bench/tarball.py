@@ -47,7 +47,9 @@ def make_tarball(files: int, total_bytes: int, seed: int = 20240601) -> tuple[Pa
         parent = rng.choice(dirs)
         if parent.count("/") >= 5:
             parent = "src"
-        dirs.append(f"{parent}/{rng.choice(['lib', 'core', 'drivers', 'net', 'fs', 'mm', 'util', 'arch', 'test', 'doc', 'include', 'tools'])}{i}")
+        kind = rng.choice(["lib", "core", "drivers", "net", "fs", "mm", "util", "arch", "test",
+                           "doc", "include", "tools"])
+        dirs.append(f"{parent}/{kind}{i}")
     # sizes: log-normal around 4 KiB with a long tail, scaled to total_bytes
     nsym = files // 100
     nreg = files - nsym

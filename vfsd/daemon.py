@@ -382,6 +382,12 @@ def run(config: Config) -> int:
         check_shared_dir(config.shared_dir)
         limit = setup_rlimit_nofile(config.rlimit_nofile)
         log.debug("RLIMIT_NOFILE %d", limit)
+        if limit < 100_000:
+            # One O_PATH fd per inode the guest has looked up: past the limit
+            # LOOKUPs fail with EMFILE (a `find` over a large tree is enough).
+            log.warning("RLIMIT_NOFILE is %d: the guest can hold at most about %d inodes "
+                        "at once; raise the hard limit (LimitNOFILE=, ulimit -Hn) for large "
+                        "shares", limit, max(limit - 100, 0))
         apply_process_options(config)
         fs = filesystem(config)
         server = FuseServer(fs, session_options(config))

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 _U64 = (1 << 64) - 1
+_NO_ENTRY = (0,) * len(fuse.fuse_entry_out.flat_fields)
 
 
 def _s64(v: int) -> int:
@@ -274,16 +275,6 @@ class FuseServer:
                     mode=a.mode, nlink=a.nlink, uid=a.uid, gid=a.gid,
                     rdev=rdev & 0xFFFFFFFF, blksize=a.blksize,
                     flags=fuse.ATTR_SUBMOUNT if a.submount else 0)
-
-    def _entry_fields(self, e: Entry | None) -> dict:
-        if e is None:  # readdirplus "." / ".." / vanished: nodeid 0 is ignored
-            return {}
-        if e.attr.submount and not self.flags & fuse.InitFlag.SUBMOUNTS:
-            e = Entry(e.nodeid, e.generation, replace(e.attr, submount=False))
-        return dict(nodeid=e.nodeid, generation=e.generation,
-                    entry_valid=self._entry_valid[0], entry_valid_nsec=self._entry_valid[1],
-                    attr_valid=self._attr_valid[0], attr_valid_nsec=self._attr_valid[1],
-                    attr=self._attr_fields(e.attr))
 
     def _entry(self, e: Entry) -> bytes:
         attr = e.attr
@@ -610,7 +601,6 @@ class FuseServer:
             reclen = fuse.dirent_align(hdr + len(d.name))
             if len(out) + reclen > room:
                 break  # the entry is not sent, so it is not looked up either
-            dirent = dict(ino=d.ino, off=d.off, namelen=len(d.name), type=d.type)
             if plus:
                 entry = None
                 if d.name not in (b".", b".."):
@@ -618,12 +608,15 @@ class FuseServer:
                         entry = self.fs.lookup(ctx, nodeid, d.name)
                     except OSError:
                         entry = None  # vanished since listed: plain entry
-                if entry is not None:
-                    dirent["type"] = stat.S_IFMT(entry.attr.mode) >> 12
-                out += fuse.fuse_direntplus.pack(entry_out=self._entry_fields(entry),
-                                                 dirent=dirent)
+                if entry is None:  # nodeid 0: the kernel links nothing for it
+                    out += fuse.fuse_direntplus.flat_pack(*_NO_ENTRY, d.ino, d.off,
+                                                          len(d.name), d.type)
+                else:
+                    out += self._entry(entry)  # fuse_entry_out, then fuse_dirent
+                    out += fuse.fuse_dirent.flat_pack(d.ino, d.off, len(d.name),
+                                                      stat.S_IFMT(entry.attr.mode) >> 12)
             else:
-                out += fuse.fuse_dirent.pack(dirent)
+                out += fuse.fuse_dirent.flat_pack(d.ino, d.off, len(d.name), d.type)
             out += d.name
             out += b"\0" * (reclen - hdr - len(d.name))
         return bytes(out)

@@ -100,6 +100,9 @@ def test_flat_field_orders_used_by_the_server():
     assert fuse.fuse_attr_out.flat_fields == (
         "attr_valid", "attr_valid_nsec", "dummy") + tuple(f"attr.{n}" for n in attr)
     assert fuse.fuse_out_header.flat_fields == ("len", "error", "unique")
+    assert fuse.fuse_direntplus.flat_fields == tuple(
+        f"entry_out.{n}" for n in fuse.fuse_entry_out.flat_fields) + tuple(
+        f"dirent.{n}" for n in ("ino", "off", "namelen", "type"))
 
 
 def test_server_attr_encoding_matches_keyword_packing():

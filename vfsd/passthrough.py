@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from . import ownership, syscalls
 from . import posix_acl as pacl
-from .fsapi import NOW, Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
+from .fsapi import Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
 from .ownership import Record, RecordError
 from .syscalls import proc_fd
 from .xattrmap import XattrMap
@@ -850,16 +850,24 @@ class PassthroughFs:
             name = self.xattrmap.to_server(name)
         return self.names.guest_to_host(name)
 
+    def _existing_xattr(self, name: bytes) -> bytes:
+        """Host name of an xattr to read or remove.  A name that is too long
+        once escaped cannot exist: ENODATA (ERANGE would read as "buffer too
+        small" to a getxattr caller); setxattr keeps ERANGE."""
+        try:
+            return self._host_xattr(name)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                raise OSError(errno.ENODATA, "no such attribute") from None
+            raise
+
     def getxattr(self, ctx: Ctx, nodeid: int, name: bytes) -> bytes:
         ino = self._inode(nodeid)
         try:
-            host = self._host_xattr(name)
-            return os.getxattr(proc_fd(ino.fd), host)
+            return os.getxattr(proc_fd(ino.fd), self._existing_xattr(name))
         except OSError as e:
-            # EPERM: refused by --xattrmap (as virtiofsd) or a host special
-            # file; ERANGE: too long once escaped, so it cannot exist (and
-            # ERANGE would read as "buffer too small" to the caller).
-            if e.errno in (errno.EPERM, errno.ERANGE):
+            # EPERM: refused by --xattrmap (as virtiofsd) or a host special file
+            if e.errno == errno.EPERM:
                 raise OSError(errno.ENODATA, "no such attribute") from None
             raise
 
@@ -915,13 +923,7 @@ class PassthroughFs:
     def removexattr(self, ctx: Ctx, nodeid: int, name: bytes) -> None:
         self._check_writable()
         ino = self._inode(nodeid)
-        try:
-            host = self._host_xattr(name)
-        except OSError as e:
-            if e.errno == errno.ERANGE:  # too long once escaped: cannot exist
-                raise OSError(errno.ENODATA, "no such attribute") from None
-            raise
-        os.removexattr(proc_fd(ino.fd), host)
+        os.removexattr(proc_fd(ino.fd), self._existing_xattr(name))
 
     # ------------------------------------------------------------------
     # Operations: file space and copies

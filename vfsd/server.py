@@ -16,7 +16,7 @@ import os
 import stat
 import struct
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from protocol import fuse
@@ -247,9 +247,9 @@ class FuseServer:
     # ------------------------------------------------------------------
     # Encoding helpers
     # ------------------------------------------------------------------
-    @staticmethod
-    def _attr_values(a: Attr) -> tuple:
-        """fuse_attr in flat_pack order (fuse_attr.flat_fields)."""
+    def _attr_values(self, a: Attr) -> tuple:
+        """fuse_attr in flat_pack order (fuse_attr.flat_fields).  FUSE_ATTR_SUBMOUNT
+        only goes out when the guest negotiated FUSE_SUBMOUNTS."""
         asec, ans = divmod(a.atime_ns, 1_000_000_000)
         msec, mns = divmod(a.mtime_ns, 1_000_000_000)
         csec, cns = divmod(a.ctime_ns, 1_000_000_000)
@@ -258,35 +258,21 @@ class FuseServer:
         return (a.ino, a.size, a.blocks, asec & _U64, msec & _U64, csec & _U64, ans, mns, cns,
                 a.mode, a.nlink, a.uid, a.gid,
                 ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF,
-                a.blksize, fuse.ATTR_SUBMOUNT if a.submount else 0)
-
-    @staticmethod
-    def _attr_fields(a: Attr) -> dict:
-        asec, ans = divmod(a.atime_ns, 1_000_000_000)
-        msec, mns = divmod(a.mtime_ns, 1_000_000_000)
-        csec, cns = divmod(a.ctime_ns, 1_000_000_000)
-        # fuse_attr.rdev is the kernel's new_encode_dev() u32, which equals
-        # glibc's makedev() for major < 4096 and minor < 2^20.
-        rdev = (os.minor(a.rdev) & 0xFF) | (os.major(a.rdev) << 8) | (
-            (os.minor(a.rdev) & ~0xFF) << 12)
-        return dict(ino=a.ino, size=a.size, blocks=a.blocks,
-                    atime=asec & _U64, mtime=msec & _U64, ctime=csec & _U64,
-                    atimensec=ans, mtimensec=mns, ctimensec=cns,
-                    mode=a.mode, nlink=a.nlink, uid=a.uid, gid=a.gid,
-                    rdev=rdev & 0xFFFFFFFF, blksize=a.blksize,
-                    flags=fuse.ATTR_SUBMOUNT if a.submount else 0)
+                a.blksize,
+                fuse.ATTR_SUBMOUNT if a.submount and self.flags & fuse.InitFlag.SUBMOUNTS else 0)
 
     def _entry(self, e: Entry) -> bytes:
-        attr = e.attr
-        if attr.submount and not self.flags & fuse.InitFlag.SUBMOUNTS:
-            attr = replace(attr, submount=False)
         return fuse.fuse_entry_out.flat_pack(
             e.nodeid, e.generation, self._entry_valid[0], self._attr_valid[0],
-            self._entry_valid[1], self._attr_valid[1], *self._attr_values(attr))
+            self._entry_valid[1], self._attr_valid[1], *self._attr_values(e.attr))
 
     def _attr_out(self, a: Attr) -> bytes:
         return fuse.fuse_attr_out.flat_pack(self._attr_valid[0], self._attr_valid[1], 0,
                                             *self._attr_values(a))
+
+    def _open_out(self, o, is_dir: bool) -> bytes:
+        """fuse_open_out: the filesystem's FOPEN_* flags plus the cache policy's."""
+        return fuse.fuse_open_out.flat_pack(o.fh, o.open_flags | self._open_flags(is_dir), 0)
 
     def _open_flags(self, is_dir: bool) -> int:
         flags = 0
@@ -526,8 +512,7 @@ class FuseServer:
     # ------------------------------------------------------------------
     def _open(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_open_in.unpack(reader.read(fuse.fuse_open_in.size))
-        o = self.fs.open(ctx, nodeid, a.flags)
-        return fuse.fuse_open_out.pack(fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
+        return self._open_out(self.fs.open(ctx, nodeid, a.flags), is_dir=False)
 
     def _create(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_create_in.unpack(reader.read(fuse.fuse_create_in.size))
@@ -537,8 +522,7 @@ class FuseServer:
 
     def _entry_open(self, entry: Entry, o) -> bytes:
         """CREATE/TMPFILE reply: fuse_entry_out then fuse_open_out."""
-        return self._entry(entry) + fuse.fuse_open_out.pack(
-            fh=o.fh, open_flags=o.open_flags | self._open_flags(False))
+        return self._entry(entry) + self._open_out(o, is_dir=False)
 
     def _tmpfile(self, ctx, nodeid, reader, writer) -> bytes:
         # FUSE_TMPFILE (7.37) carries fuse_create_in and a name the kernel
@@ -583,8 +567,7 @@ class FuseServer:
     # ------------------------------------------------------------------
     def _opendir(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_open_in.unpack(reader.read(fuse.fuse_open_in.size))
-        o = self.fs.opendir(ctx, nodeid, a.flags)
-        return fuse.fuse_open_out.pack(fh=o.fh, open_flags=o.open_flags | self._open_flags(True))
+        return self._open_out(self.fs.opendir(ctx, nodeid, a.flags), is_dir=True)
 
     def _readdir(self, ctx, nodeid, reader, writer) -> bytes:
         return self._readdir_common(ctx, nodeid, reader, writer, plus=False)

@@ -113,6 +113,16 @@ def test_server_attr_encoding_matches_keyword_packing():
              blksize=4096)
     srv = FuseServer(fs=None)
     got = fuse.fuse_entry_out.unpack(srv._entry(Entry(5, 0, a)))
-    want = srv._attr_fields(a)
-    assert got.attr._asdict() == want and got.nodeid == 5
-    assert fuse.fuse_attr_out.unpack(srv._attr_out(a)).attr._asdict() == want
+    # the reference: keyword packing, times as two's-complement u64, rdev as
+    # the kernel's new_encode_dev(300, 70000)
+    want = fuse.fuse_attr.unpack(fuse.fuse_attr.pack(
+        ino=7, size=1 << 40, blocks=9, atime=(-2) & ((1 << 64) - 1), atimensec=500_000_000,
+        mtime=0, mtimensec=2, ctime=0, ctimensec=3, mode=0o20644, nlink=2, uid=1, gid=2,
+        rdev=(70000 & 0xFF) | (300 << 8) | ((70000 & ~0xFF) << 12), blksize=4096))
+    assert got.attr == want and got.nodeid == 5
+    assert fuse.fuse_attr_out.unpack(srv._attr_out(a)).attr == want
+    # FUSE_ATTR_SUBMOUNT only once FUSE_SUBMOUNTS is negotiated, for entries and attrs alike
+    sub = Attr(**{**{f: getattr(a, f) for f in a.__dataclass_fields__}, "submount": True})
+    assert fuse.fuse_attr_out.unpack(srv._attr_out(sub)).attr.flags == 0
+    srv.flags = fuse.InitFlag.SUBMOUNTS
+    assert fuse.fuse_entry_out.unpack(srv._entry(Entry(5, 0, sub))).attr.flags == 1

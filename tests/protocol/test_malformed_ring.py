@@ -108,7 +108,6 @@ def test_indirect_table_loop(client, fe, daemon):
     q = fe.queues[1]
     (a,) = q.reserve_slots(1)
     hdr = fe.mem.put(getattr_header())
-    out = fe.mem.alloc(256)
     table = (DESC.pack(hdr, IH, VRING_DESC_F_NEXT, 1)
              + DESC.pack(hdr, 16, VRING_DESC_F_NEXT, 0))
     tgpa = fe.mem.put(table)

@@ -101,7 +101,7 @@ def test_two_regions_with_hole(daemon, mode):
 
 def test_descriptor_in_region_hole(daemon):
     with Frontend(daemon.socket_path, mem_regions=2) as fe:
-        c = start(fe)
+        start(fe)
         q = fe.queues[1]
         hole = fe.mem.hole_gpa()
         daemon.mark()

@@ -155,8 +155,13 @@ def main(argv: list[str]) -> int:
         dplus = fuse.fuse_direntplus._struct
 
         def kw_direntplus():
-            return fuse.fuse_direntplus.pack(entry_out=srv._entry_fields(entry),
-                                             dirent=dict(ino=5, off=3, namelen=2, type=8))
+            fields = dict(zip(fuse.fuse_attr.flat_fields, srv._attr_values(entry.attr)))
+            return fuse.fuse_direntplus.pack(
+                entry_out=dict(nodeid=entry.nodeid, generation=entry.generation,
+                               entry_valid=srv._entry_valid[0], attr_valid=srv._attr_valid[0],
+                               entry_valid_nsec=srv._entry_valid[1],
+                               attr_valid_nsec=srv._attr_valid[1], attr=fields),
+                dirent=dict(ino=5, off=3, namelen=2, type=8))
 
         ev, av = srv._entry_valid, srv._attr_valid
 

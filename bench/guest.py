@@ -239,7 +239,7 @@ class SessionCpu:
 
 def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
                 timeout: float, vfsd_args: list[str] = (), count: bool = False,
-                profile_top: int = 0) -> dict:
+                profile_top: int = 0, virtiofsd_args: list[str] = ()) -> dict:
     share = workdir / f"share-{backend}"
     share.mkdir()
     os.chmod(share, 0o755)
@@ -272,7 +272,8 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
         sock = workdir / "virtiofsd.sock"
         log = open(workdir / "virtiofsd.log", "wb")
         proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}",
-                                 "-o", "cache=auto"], stdin=subprocess.DEVNULL, stdout=log,
+                                 "-o", "cache=auto", *virtiofsd_args],
+                                stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 20
@@ -320,7 +321,12 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated, from " + ",".join(BACKENDS) + "; 'vfsd:OPTIONS' is "
-                        "vfsd with extra options (e.g. vfsd:--no-xattr), to compare settings")
+                        "vfsd with extra options (e.g. 'vfsd:--xattr --posix-acl'), "
+                        "'virtiofsd:OPTIONS' the same for the C virtiofsd (e.g. "
+                        "'virtiofsd:-o xattr -o posix_acl'), to compare settings")
+    p.add_argument("--reference", default=None,
+                   help="the backend the ratio columns divide by (default: the first "
+                        "virtiofsd backend)")
     p.add_argument("--quick", action="store_true",
                    help="500 small files, 500-file 5 MB tree, 32 MiB file (under 3 minutes)")
     p.add_argument("--repeat", type=int, default=1,
@@ -338,14 +344,17 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     for b in backends:
-        if b.split(":")[0] not in BACKENDS or (":" in b and not b.startswith("vfsd:")):
+        if b.split(":")[0] not in BACKENDS or (
+                ":" in b and not b.startswith(("vfsd:", "virtiofsd:"))):
             p.error(f"unknown backend {b!r} (vfsd:OPTIONS runs vfsd with extra options)")
-    if os.geteuid() != 0 and ("virtiofsd" in backends or "9p" in backends):
+    if os.geteuid() != 0 and any(b.startswith(("virtiofsd", "9p")) for b in backends):
         note("guest: virtiofsd and 9p need root; skipping them")
-        backends = [b for b in backends if b not in ("virtiofsd", "9p")]
-    if "virtiofsd" in backends and not os.access(VIRTIOFSD, os.X_OK):
+        backends = [b for b in backends if not b.startswith(("virtiofsd", "9p"))]
+    if not os.access(VIRTIOFSD, os.X_OK) and any(b.startswith("virtiofsd") for b in backends):
         note(f"guest: {VIRTIOFSD} missing (apt-get install qemu-system-common); skipped")
-        backends.remove("virtiofsd")
+        backends = [b for b in backends if not b.startswith("virtiofsd")]
+    if a.reference is not None and a.reference not in backends:
+        p.error(f"--reference {a.reference!r} is not one of the backends run")
     kernel, why = bench_kernel()
     if "9p" in backends and "amd64" in kernel.version and "cloud" in kernel.version:
         backends.remove("9p")
@@ -369,17 +378,19 @@ def main(argv: list[str]) -> int:
             for b in backends:
                 note(f"guest: {b} (run {rep + 1}/{a.repeat})")
                 base, _, extra = b.partition(":")
+                vfsd_args = shlex.split(a.vfsd_args) + (shlex.split(extra)
+                                                         if base == "vfsd" else [])
                 info = run_backend(base, kernel, script.replace("@MOUNT@", MOUNTS[base]),
-                                   files, workdir, timeout,
-                                   shlex.split(a.vfsd_args) + shlex.split(extra),
-                                   a.count_requests, a.profile)
+                                   files, workdir, timeout, vfsd_args,
+                                   a.count_requests, a.profile,
+                                   shlex.split(extra) if base == "virtiofsd" else [])
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
                 note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(runs, backends, dict(kernel=kernel.version, small=nsmall, **facts,
-                                      big_mib=big, repeat=a.repeat)))
+                                      big_mib=big, repeat=a.repeat), a.reference))
     if a.vfsd_args:
         print(f"(vfsd ran with {a.vfsd_args})")
     for b in backends:
@@ -406,7 +417,7 @@ def main(argv: list[str]) -> int:
     return 0 if all(i["script_ok"] for rs in runs.values() for i in rs) else 1
 
 
-def report(runs: dict, backends: list[str], facts: dict) -> str:
+def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None) -> str:
     med: dict[str, dict[str, float | None]] = {}
     for b in backends:
         ok = [r for r in runs[b] if r["script_ok"]]
@@ -418,10 +429,11 @@ def report(runs: dict, backends: list[str], facts: dict) -> str:
         med[b]["total"] = statistics.median(tot) if tot else None
         cpu = [r["daemon_cpu"] for r in ok if "daemon_cpu" in r]
         med[b]["cpu"] = statistics.median(cpu) if cpu else None
-    ref = "virtiofsd" if "virtiofsd" in backends else None
+    if ref is None:
+        ref = next((b for b in backends if b.partition(":")[0] == "virtiofsd"), None)
     hdr = ["phase"] + [f"{b} s" for b in backends]
     if ref:
-        hdr += [f"{b} / virtiofsd" for b in backends if b != ref]
+        hdr += [f"{b} / {ref}" for b in backends if b != ref]
     rows = []
     labels = dict(PHASES, total="total", cpu="daemon CPU over the whole run (s)")
     for ph in [p for p, _ in PHASES] + ["total", "cpu"]:

@@ -37,11 +37,27 @@ def _s64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 PATH_MAX = 4096
+IN_HEADER = fuse.fuse_in_header.size
 OUT_HEADER = fuse.fuse_out_header.size
+# fuse_in_header as a plain tuple (every request: no namedtuple built), and
+# the positions of its fields in fuse_in_header.flat_fields order.
+_unpack_in_header = fuse.fuse_in_header.flat_unpack
+(_LEN, _OPCODE, _UNIQUE, _NODEID, _UID, _GID, _PID, _TOTAL_EXTLEN) = (
+    fuse.fuse_in_header.flat_fields.index(f) for f in
+    ("len", "opcode", "unique", "nodeid", "uid", "gid", "pid", "total_extlen"))
+_pack_out_header = fuse.fuse_out_header.flat_pack
 
 # Opcodes whose requests get no reply at all (fuse.h: FORGET, BATCH_FORGET;
 # an INTERRUPT is answered through the request it interrupts).
-NO_REPLY = {fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.INTERRUPT}
+NO_REPLY = frozenset({fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.INTERRUPT})
+
+
+def _op_name(opcode: int) -> str:
+    """The opcode's name for a log line (the number if fuse.h has none)."""
+    try:
+        return fuse.Opcode(opcode).name
+    except ValueError:
+        return str(opcode)
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,8 @@ class FuseServer:
         self.proto_minor = 0
         self.flags = 0  # negotiated InitFlag bits
         self._lock = threading.Lock()
+        self._file_open_flags = self._open_flags(is_dir=False)
+        self._dir_open_flags = self._open_flags(is_dir=True)
         self._entry_valid = _split_seconds(self.opts.entry_timeout)
         self._attr_valid = _split_seconds(self.opts.attr_timeout)
         self._handlers: dict[int, Callable[[Ctx, int, Reader, Writer], bytes | int | None]] = {
@@ -125,66 +143,71 @@ class FuseServer:
     # Entry point
     # ------------------------------------------------------------------
     def handle(self, reader: Reader, writer: Writer) -> int:
-        """Serve one request; returns the number of bytes written to `writer`."""
-        if reader.remaining < fuse.fuse_in_header.size:
-            log.warning("request of %d bytes is shorter than fuse_in_header; dropped",
-                        reader.remaining)
-            return 0
+        """Serve one request; returns the number of bytes written to `writer`.
+
+        This runs once per request, so it works on the plain header tuple and
+        looks the handler up by the raw opcode; names are only made for logs.
+        """
         total = reader.remaining
-        h = fuse.fuse_in_header.unpack(reader.read(fuse.fuse_in_header.size))
-        try:
-            op = fuse.Opcode(h.opcode)
-        except ValueError:
-            op = None
-        if op in NO_REPLY:
-            self._dispatch_no_reply(op, h, reader, total)
+        if total < IN_HEADER:
+            log.warning("request of %d bytes is shorter than fuse_in_header; dropped", total)
+            return 0
+        h = _unpack_in_header(reader.read(IN_HEADER))
+        opcode = h[_OPCODE]
+        if opcode in NO_REPLY:
+            self._dispatch_no_reply(opcode, h, reader, total)
             return 0
         if writer.room < OUT_HEADER:
             log.warning("%s unique=%d: no room for a reply (%d writable bytes); dropped",
-                        op.name if op else h.opcode, h.unique, writer.room)
+                        _op_name(opcode), h[_UNIQUE], writer.room)
             return 0
         header_views = writer.views(OUT_HEADER)
         try:
-            body = self._dispatch(op, h, reader, writer, total)
+            body = self._dispatch(opcode, h, reader, writer, total)
             error = 0
         except OSError as e:
             body, error = b"", e.errno or errno.EIO
         except (ProtocolError, BufferError_, struct.error, UnicodeError) as e:
             log.warning("%s unique=%d nodeid=%d: malformed request: %s",
-                        op.name if op else h.opcode, h.unique, h.nodeid, e)
+                        _op_name(opcode), h[_UNIQUE], h[_NODEID], e)
             body, error = b"", errno.EINVAL
         except Exception:
             log.exception("%s unique=%d nodeid=%d: internal error",
-                          op.name if op else h.opcode, h.unique, h.nodeid)
+                          _op_name(opcode), h[_UNIQUE], h[_NODEID])
             body, error = b"", errno.EIO
         if error:
             length = OUT_HEADER
-        elif isinstance(body, int):  # data already placed in the writer
+        elif body.__class__ is int:  # data already placed in the writer
             length = OUT_HEADER + body
+        elif len(body) > writer.room:
+            log.warning("%s unique=%d: reply of %d bytes does not fit in %d; EIO",
+                        _op_name(opcode), h[_UNIQUE], len(body), writer.room)
+            error, length = errno.EIO, OUT_HEADER
         else:
-            if len(body) > writer.room:
-                log.warning("%s unique=%d: reply of %d bytes does not fit in %d; EIO",
-                            op.name, h.unique, len(body), writer.room)
-                body, error, length = b"", errno.EIO, OUT_HEADER
-            else:
+            if body:
                 writer.write(body)
-                length = OUT_HEADER + len(body)
-        hdr = fuse.fuse_out_header.flat_pack(length, -error, h.unique)
-        pos = 0
-        for v in header_views:
-            v[:] = hdr[pos:pos + len(v)]
-            pos += len(v)
+            length = OUT_HEADER + len(body)
+        out = _pack_out_header(length, -error, h[_UNIQUE])
+        if len(header_views) == 1:  # the guest's header buffer is one piece (usual)
+            header_views[0][:] = out
+        else:
+            pos = 0
+            for v in header_views:
+                v[:] = out[pos:pos + len(v)]
+                pos += len(v)
         return length
 
-    def _bound(self, h, reader: Reader, total: int) -> bytes:
+    def _bound(self, h: tuple, reader: Reader, total: int) -> bytes:
         """Trust neither the chain nor fuse_in_header.len alone (lying lengths).
         Returns the 7.38 extension area, which follows the arguments."""
-        if h.len > total or h.len < fuse.fuse_in_header.size:
-            raise ProtocolError(f"fuse_in_header.len {h.len} but request holds {total} bytes")
-        reader.limit(h.len - fuse.fuse_in_header.size)
-        if not h.total_extlen:
+        length = h[_LEN]
+        if length > total or length < IN_HEADER:
+            raise ProtocolError(f"fuse_in_header.len {length} but request holds {total} bytes")
+        reader.limit(length - IN_HEADER)
+        extlen = h[_TOTAL_EXTLEN]
+        if not extlen:
             return b""
-        ext = h.total_extlen * 8
+        ext = extlen * 8
         if ext > reader.remaining:
             raise ProtocolError(f"total_extlen {ext} exceeds the request")
         return reader.take_tail(ext)
@@ -212,37 +235,39 @@ class FuseServer:
             off += hdr.size
         return tuple(out)
 
-    def _dispatch(self, op, h, reader: Reader, writer: Writer, total: int):
+    def _dispatch(self, opcode: int, h: tuple, reader: Reader, writer: Writer, total: int):
         ext = self._bound(h, reader, total)
-        if op is fuse.Opcode.INIT:
-            return self._init(h, reader)
-        if not self.initialized:
-            # libfuse and virtiofsd answer EIO to anything before INIT.
-            raise OSError(errno.EIO, "request before INIT")
-        handler = self._handlers.get(op) if op is not None else None
-        if handler is None:
+        handler = self._handlers.get(opcode)
+        if handler is None or not self.initialized:
+            if opcode == fuse.Opcode.INIT:
+                return self._init(reader)
+            if not self.initialized:
+                # libfuse and virtiofsd answer EIO to anything before INIT.
+                raise OSError(errno.EIO, "request before INIT")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("opcode %s unique=%d: not implemented (ENOSYS)",
-                          op.name if op else h.opcode, h.unique)
+                          _op_name(opcode), h[_UNIQUE])
             raise OSError(errno.ENOSYS, "not implemented")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
-                      op.name, h.unique, h.nodeid, h.uid, h.gid, h.pid, h.len)
-        ctx = Ctx(h.uid, h.gid, h.pid, self._secctx(ext)) if ext else Ctx(h.uid, h.gid, h.pid)
-        return handler(ctx, h.nodeid, reader, writer)
+                      _op_name(opcode), h[_UNIQUE], h[_NODEID], h[_UID], h[_GID], h[_PID],
+                      h[_LEN])
+        ctx = Ctx(h[_UID], h[_GID], h[_PID], self._secctx(ext)) if ext else \
+            Ctx(h[_UID], h[_GID], h[_PID])
+        return handler(ctx, h[_NODEID], reader, writer)
 
-    def _dispatch_no_reply(self, op, h, reader: Reader, total: int) -> None:
+    def _dispatch_no_reply(self, opcode: int, h: tuple, reader: Reader, total: int) -> None:
         try:
             self._bound(h, reader, total)
             if not self.initialized:
                 return
-            self._handlers[op](Ctx(h.uid, h.gid, h.pid), h.nodeid, reader, None)
+            self._handlers[opcode](Ctx(h[_UID], h[_GID], h[_PID]), h[_NODEID], reader, None)
         except (ProtocolError, BufferError_, struct.error) as e:
-            log.warning("%s unique=%d: malformed request: %s", op.name, h.unique, e)
+            log.warning("%s unique=%d: malformed request: %s", _op_name(opcode), h[_UNIQUE], e)
         except OSError as e:
-            log.debug("%s unique=%d: %s", op.name, h.unique, e)
+            log.debug("%s unique=%d: %s", _op_name(opcode), h[_UNIQUE], e)
         except Exception:
-            log.exception("%s unique=%d: internal error", op.name, h.unique)
+            log.exception("%s unique=%d: internal error", _op_name(opcode), h[_UNIQUE])
 
     # ------------------------------------------------------------------
     # Encoding helpers
@@ -272,7 +297,8 @@ class FuseServer:
 
     def _open_out(self, o, is_dir: bool) -> bytes:
         """fuse_open_out: the filesystem's FOPEN_* flags plus the cache policy's."""
-        return fuse.fuse_open_out.flat_pack(o.fh, o.open_flags | self._open_flags(is_dir), 0)
+        return fuse.fuse_open_out.flat_pack(
+            o.fh, o.open_flags | (self._dir_open_flags if is_dir else self._file_open_flags), 0)
 
     def _open_flags(self, is_dir: bool) -> int:
         flags = 0
@@ -285,7 +311,7 @@ class FuseServer:
     # ------------------------------------------------------------------
     # Session
     # ------------------------------------------------------------------
-    def _init(self, h, reader: Reader) -> bytes:
+    def _init(self, reader: Reader) -> bytes:
         n = reader.remaining
         if n < fuse.COMPAT_INIT_IN_SIZE:
             raise ProtocolError(f"fuse_init_in of {n} bytes")

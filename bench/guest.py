@@ -2,7 +2,8 @@
 
 Backends
   vfsd       this daemon, unprivileged (user vfsd-test when run as root), records on,
-             its defaults (--cache auto, --thread-pool-size 0, log level info)
+             its defaults (--cache auto, --thread-pool-size 0, log level info; no guest
+             xattrs and no POSIX ACLs, as virtiofsd: add them with vfsd:--posix-acl)
   virtiofsd  the C virtiofsd QEMU 7.2 ships (/usr/lib/qemu/virtiofsd), as root,
              -o source=DIR -o cache=auto (its defaults otherwise: thread pool 0, no xattr)
   9p         QEMU's 9p, -virtfs local,security_model=mapped-xattr (ownership in user.virtfs.*
@@ -320,7 +321,7 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated, from " + ",".join(BACKENDS) + "; 'vfsd:OPTIONS' is "
-                        "vfsd with extra options (e.g. vfsd:--no-xattr), to compare settings")
+                        "vfsd with extra options (e.g. vfsd:--posix-acl), to compare settings")
     p.add_argument("--quick", action="store_true",
                    help="500 small files, 500-file 5 MB tree, 32 MiB file (under 3 minutes)")
     p.add_argument("--repeat", type=int, default=1,

@@ -3,12 +3,18 @@
 
     python3 tools/demo.py                 # scripted: the guest chowns a file, the host looks
     python3 tools/demo.py --interactive   # a shell in the guest on this terminal (Ctrl-A X quits)
+    python3 tools/demo.py --interactive -- --posix-acl   # ... with guest xattrs and ACLs
 
 Makes a temporary shared directory, starts vfsd on it as an unprivileged user (the system user
 'vfsd-test' when run as root, else you), boots a small QEMU guest (TCG, a few seconds) that
 mounts the share at /mnt, and shows both sides: in the guest the file belongs to 1234:5678 and
 is setuid; on the host it belongs to the daemon's user, with the guest's view kept in the
 user.o extended attribute.
+
+vfsd runs with its defaults, which are virtiofsd's: the guest gets no extended attributes and
+no POSIX ACLs (the ownership records are kept regardless).  Extra vfsd options go after
+``--``: ``-- --posix-acl`` (implies ``--xattr``) lets you try setfattr/getfattr and
+setfacl/getfacl on the share in ``--interactive``.
 
 Needs qemu-system-x86, a Debian kernel (linux-image-cloud-amd64) and busybox-static.
 """

@@ -104,13 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
            "(attributes and names only), auto (1 s timeouts), always (cache everything, for "
            "shares nobody else changes); default auto")
     G("--xattr", dest="xattr", action="store_const", const=True, default=None,
-      help="guest extended attributes (vfsd's default; virtiofsd's default is off)")
+      help="guest extended attributes (default off, as in virtiofsd; the ownership records "
+           "are kept either way)")
     G("--no-xattr", dest="xattr", action="store_const", const=False,
-      help="no guest extended attributes (ownership records are kept regardless)")
+      help="no guest extended attributes (the default; overridden by the options that imply "
+           "--xattr)")
     G("--posix-acl", dest="posix_acl", action="store_const", const=True, default=None,
-      help="POSIX ACLs enforced by the guest kernel (default with xattrs; implies --xattr)")
+      help="POSIX ACLs enforced by the guest kernel (default off, as in virtiofsd, also with "
+           "--xattr; implies --xattr)")
     G("--no-posix-acl", dest="posix_acl", action="store_const", const=False,
-      help="no POSIX ACL support")
+      help="no POSIX ACL support (the default)")
     G("--xattrmap", metavar="MAP",
       help="virtiofsd's xattr name mapping rules, e.g. ':prefix:all::user.virtiofs.::bad:all:::' "
            "(implies --xattr)")
@@ -167,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     G("--migration-confirm-paths", action="store_true", help="no effect (see --migration-mode)")
     G("-o", dest="compat_options", action="append", metavar="OPT[,OPT...]",
       help="legacy virtiofsd options: source=DIR, cache=auto|always|none|metadata, xattr, "
-           "no_xattr, timeout=SECONDS, writeback, no_readdirplus, ... (',,' is a literal comma)")
+           "no_xattr, posix_acl, timeout=SECONDS, writeback, no_readdirplus, ... (',,' is a "
+           "literal comma)")
     G("--daemonize", action="store_true", help=argparse.SUPPRESS)  # C virtiofsd: refused
 
     own = p.add_argument_group("guest ownership (vfsd)")
@@ -234,10 +238,10 @@ def parse_args(argv: list[str] | None = None) -> Config | None:
     except ConfigError as e:
         p.error(str(e))
 
-    # -- xattrs: --posix-acl, --security-label and --xattrmap imply --xattr (virtiofsd) -----
-    xattr = a.xattr if a.xattr is not None else True
-    xattr = xattr or bool(a.posix_acl) or a.security_label or xattrmap is not None
-    posix_acl = a.posix_acl if a.posix_acl is not None else xattr
+    # -- xattrs: off unless asked for, as in virtiofsd.  --posix-acl, --security-label and
+    # --xattrmap imply --xattr; ACLs need --posix-acl (--xattr alone does not turn them on).
+    posix_acl = bool(a.posix_acl)
+    xattr = bool(a.xattr) or posix_acl or a.security_label or xattrmap is not None
 
     # -- process ---------------------------------------------------------------------------
     log_level = "debug" if a.compat_debug else a.log_level

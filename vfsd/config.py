@@ -160,8 +160,11 @@ class Config:
     readonly: bool = False
     readdirplus: bool = True             # also off with cache=never, as in virtiofsd
     writeback: bool = False
-    xattr: bool = True                   # guest xattrs (vfsd default on; virtiofsd: off)
-    posix_acl: bool = True               # vfsd default on (needs xattr)
+    # Guest xattrs and POSIX ACLs: off unless asked for (--xattr, --posix-acl), as in
+    # virtiofsd.  These are the daemon's (command line) defaults; the library-level ones,
+    # vfsd.server.SessionOptions and PassthroughFs(posix_acl=...), stay on.
+    xattr: bool = False                  # guest xattrs; the ownership records exist regardless
+    posix_acl: bool = False              # needs xattr (--posix-acl implies --xattr)
     xattrmap: tuple[XattrRule, ...] | None = None
     security_label: bool = False
     killpriv_v2: bool = False

@@ -202,6 +202,43 @@ def test_unknown_opcode_is_enosys(client):
         assert payload == b""
 
 
+@pytest.mark.parametrize("daemon_args,xattr,acl", [
+    ((), False, False),                    # virtiofsd's defaults: neither
+    (("--xattr",), True, False),           # --xattr alone: no ACLs
+    (("--posix-acl",), True, True),        # implies --xattr
+    (("-o", "xattr"), True, False),
+    (("--posix-acl", "--no-posix-acl"), False, False),
+], ids=["default", "xattr", "posix-acl", "o-xattr", "no-posix-acl"])
+def test_guest_xattr_defaults(client, shared_dir, daemon_args, xattr, acl):
+    """Without --xattr the guest gets ENOSYS for every xattr request (and its kernel stops
+    asking); FUSE_POSIX_ACL only with --posix-acl.  The ownership record is kept either way."""
+    F = fuse.InitFlag
+    flags = client.init_out.flags | (client.init_out.flags2 << 32)
+    assert bool(flags & F.POSIX_ACL) == acl and bool(flags & F.DONT_MASK) == acl
+    e, o = client.create(1, "f", mode=0o640)
+    client.release(e.nodeid, o.fh)
+    want = (lambda err: err == 0) if xattr else (lambda err: err == errno.ENOSYS)
+    get = client.request(Op.GETXATTR, e.nodeid, fuse.fuse_getxattr_in.pack(size=64)
+                         + b"user.x\0", 64)
+    assert get.error == (errno.ENODATA if xattr else errno.ENOSYS), get.error
+    acl_get = client.request(Op.GETXATTR, e.nodeid, fuse.fuse_getxattr_in.pack(size=64)
+                             + b"system.posix_acl_access\0", 64)
+    assert acl_get.error == (errno.ENODATA if xattr else errno.ENOSYS), acl_get.error
+    ext = bool(flags & F.SETXATTR_EXT)
+    set_in = fuse.fuse_setxattr_in.pack(size=3, flags=0)
+    if not ext:
+        set_in = set_in[:fuse.COMPAT_SETXATTR_IN_SIZE]
+    put = client.request(Op.SETXATTR, e.nodeid, [set_in, b"user.x\0", b"abc"])
+    assert want(put.error), put.error
+    lst = client.request(Op.LISTXATTR, e.nodeid, fuse.fuse_getxattr_in.pack(size=4096), 4096)
+    assert want(lst.error), lst.error
+    assert (b"user.x\0" in lst.payload) == xattr and b"user.o\0" not in lst.payload
+    rm = client.request(Op.REMOVEXATTR, e.nodeid, b"user.x\0")
+    assert want(rm.error), rm.error
+    host = os.listxattr(shared_dir / "f")
+    assert "user.o" in host and "user.x" not in host      # the record, nothing else left
+
+
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "../outside", "/etc", "sub/../../outside"])
 def test_bad_names_are_refused(client, shared_dir, workdir, name):
     tmp_path = workdir

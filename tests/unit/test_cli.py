@@ -75,7 +75,7 @@ def test_defaults():
     c = parse()
     assert (c.shared_dir, c.socket_path, c.fd) == ("/srv/share", "/run/vfsd.sock", None)
     assert c.cache == "auto" and c.entry_timeout == 1.0 and c.effective_readdirplus
-    assert c.xattr and c.posix_acl and not c.security_label and c.xattrmap is None
+    assert not c.xattr and not c.posix_acl and not c.security_label and c.xattrmap is None
     assert c.announce_submounts and not c.killpriv_v2 and not c.writeback
     assert not c.allow_direct_io and not c.allow_mmap and not c.preserve_noatime
     assert c.sandbox is None and c.seccomp is None and c.rlimit_nofile is None
@@ -118,6 +118,7 @@ FLAG_OPTIONS = [
     ("--preserve-noatime", "preserve_noatime", True),
     ("--migration-verify-handles", "migration_verify_handles", True),
     ("--migration-confirm-paths", "migration_confirm_paths", True),
+    ("--xattr", "xattr", True), ("--posix-acl", "posix_acl", True),
     ("--no-xattr", "xattr", False), ("--no-posix-acl", "posix_acl", False),
 ]
 
@@ -134,16 +135,52 @@ def test_later_flag_overrides_earlier():
     assert parse("--cache", "never", "--cache", "always").cache == "always"
 
 
-def test_xattr_implications():
-    c = parse("--no-xattr")
-    assert not c.xattr and not c.posix_acl
-    c = parse("--no-xattr", "--posix-acl")
-    assert c.xattr and c.posix_acl             # --posix-acl implies --xattr (virtiofsd)
-    assert parse("--no-xattr", "--security-label").xattr
-    assert parse("--no-xattr", "--xattrmap", ":ok:all:::").xattr
-    c = parse("--no-posix-acl")
-    assert c.xattr and not c.posix_acl
-    assert parse("--xattr").xattr
+def _xattr_acl(*args: str) -> tuple[bool, bool]:
+    c = parse(*args)
+    return c.xattr, c.posix_acl
+
+
+@pytest.mark.parametrize("args,expected", [
+    # virtiofsd's defaults: no guest xattrs, no ACLs, unless asked for
+    ((), (False, False)),
+    (("--xattr",), (True, False)),                   # --xattr alone: no ACLs (virtiofsd)
+    (("--posix-acl",), (True, True)),                # --posix-acl implies --xattr
+    (("--xattr", "--posix-acl"), (True, True)),
+    (("-o", "xattr"), (True, False)),
+    (("-o", "posix_acl"), (True, True)),
+    (("-o", "xattr,posix_acl"), (True, True)),
+    (("--security-label",), (True, False)),          # implies --xattr
+    (("--xattrmap", ":ok:all:::"), (True, False)),   # implies --xattr
+    # explicit offs
+    (("--no-xattr",), (False, False)),
+    (("--no-posix-acl",), (False, False)),
+    (("--xattr", "--no-posix-acl"), (True, False)),
+    (("--posix-acl", "--no-posix-acl"), (False, False)),
+    (("--xattr", "--no-xattr"), (False, False)),
+    (("-o", "no_xattr"), (False, False)),
+    (("--xattr", "-o", "no_xattr"), (False, False)),  # -o wins, as in virtiofsd
+    (("--posix-acl", "-o", "no_posix_acl"), (False, False)),
+    # what implies --xattr wins over --no-xattr (virtiofsd has no --no-xattr)
+    (("--no-xattr", "--posix-acl"), (True, True)),
+    (("--no-xattr", "--security-label"), (True, False)),
+    (("--no-xattr", "--xattrmap", ":ok:all:::"), (True, False)),
+])
+def test_xattr_and_acl_defaults_and_implications(args, expected):
+    assert _xattr_acl(*args) == expected
+
+
+def test_xattr_defaults_reach_the_session_and_filesystem():
+    """No option: the FUSE session offers no xattr handlers and no FUSE_POSIX_ACL, and the
+    filesystem keeps no ACLs in step with the mode; --xattr alone adds xattrs only."""
+    o = daemon.session_options(parse())
+    assert not o.xattr and not o.posix_acl
+    assert daemon.filesystem(parse(), _FakeFs).kw["posix_acl"] is False
+    o = daemon.session_options(parse("--xattr"))
+    assert o.xattr and not o.posix_acl
+    assert daemon.filesystem(parse("--xattr"), _FakeFs).kw["posix_acl"] is False
+    o = daemon.session_options(parse("--posix-acl"))
+    assert o.xattr and o.posix_acl
+    assert daemon.filesystem(parse("--posix-acl"), _FakeFs).kw["posix_acl"] is True
 
 
 def test_cache_never_disables_readdirplus_and_timeouts():
@@ -237,6 +274,7 @@ def test_c_virtiofsd_command_line():
     c = cli.parse_args(["--socket-path=/tmp/s", "-o", "source=/srv/d", "-o", "cache=auto",
                         "-o", "xattr"])
     assert (c.shared_dir, c.socket_path, c.cache, c.xattr) == ("/srv/d", "/tmp/s", "auto", True)
+    assert not c.posix_acl
     assert any("-o option form is deprecated" in m for _, m in c.notes)
 
 
@@ -244,7 +282,7 @@ def test_libvirt_legacy_command_line():
     c = cli.parse_args(["--fd=31", "-o", "source=/srv/a,,b,cache=always,sandbox=chroot,xattr,"
                         "no_flock,no_posix_lock", "--thread-pool-size=2", "-d"])
     assert (c.fd, c.shared_dir, c.cache, c.sandbox) == (31, "/srv/a,b", "always", "chroot")
-    assert c.xattr and c.thread_pool_size == 2 and c.log_level == "debug"
+    assert c.xattr and not c.posix_acl and c.thread_pool_size == 2 and c.log_level == "debug"
 
 
 def test_libvirt_separate_options_command_line():
@@ -253,14 +291,16 @@ def test_libvirt_separate_options_command_line():
                         "--log-level", "debug", "--uid-map=:0:1000:1:", "--gid-map=:0:1000:1:"])
     assert (c.fd, c.shared_dir, c.cache, c.sandbox) == (31, "/srv/a,b", "never", "namespace")
     assert c.rlimit_nofile == 1024 and c.uidmap.host_to_guest(1000) == 0
+    assert c.xattr and not c.posix_acl
 
 
 @pytest.mark.parametrize("item,attr,expected", [
     ("cache=none", "cache", "never"), ("cache=never", "cache", "never"),
     ("cache=metadata", "cache", "metadata"), ("cache=always", "cache", "always"),
     ("timeout=2.5", "entry_timeout", 2.5), ("timeout=0", "entry_timeout", 0.0),
-    ("no_xattr", "xattr", False),
-    ("posix_acl", "posix_acl", True), ("no_posix_acl", "posix_acl", False),
+    ("xattr", "xattr", True), ("no_xattr", "xattr", False),
+    ("posix_acl", "posix_acl", True), ("posix_acl", "xattr", True),
+    ("no_posix_acl", "posix_acl", False),
     ("security_label", "security_label", True), ("no_security_label", "security_label", False),
     ("readdirplus", "readdirplus", True), ("no_readdirplus", "readdirplus", False),
     ("writeback", "writeback", True), ("no_writeback", "writeback", False),
@@ -366,7 +406,8 @@ def test_modcaps():
 
 def test_session_options_follow_the_config():
     o = daemon.session_options(parse("--cache=never", "--writeback", "--security-label",
-                                     "--killpriv-v2", "--no-announce-submounts", "--allow-mmap"))
+                                     "--killpriv-v2", "--no-announce-submounts", "--allow-mmap",
+                                     "--posix-acl"))
     assert (o.entry_timeout, o.attr_timeout, o.direct_io, o.keep_cache) == (0, 0, True, False)
     assert not o.readdirplus and o.writeback and o.security_label and o.killpriv_v2
     assert not o.announce_submounts and o.allow_mmap and o.xattr and o.posix_acl
@@ -413,13 +454,14 @@ class _NoXattrFs(_FakeFs):
 
 def test_filesystem_seam():
     fs = daemon.filesystem(parse("--allow-direct-io", "--preserve-noatime",
-                                 "--xattrmap", ":ok:all:::"), _FakeFs)
+                                 "--xattrmap", ":ok:all:::", "--posix-acl"), _FakeFs)
     assert fs.kw["allow_direct_io"] is True and fs.kw["preserve_noatime"] is True
     assert fs.kw["posix_acl"] is True
     assert fs.kw["xattrmap"].to_server(b"trusted.x") == b"trusted.x"
     assert daemon.filesystem(parse(), _FakeFs).kw["xattrmap"] is None
     assert daemon.filesystem(parse(), _FakeFs).kw["allow_direct_io"] is False
-    assert daemon.filesystem(parse("--no-posix-acl"), _FakeFs).kw["posix_acl"] is False
+    assert daemon.filesystem(parse("--posix-acl", "--no-posix-acl"),
+                             _FakeFs).kw["posix_acl"] is False
     assert daemon.filesystem(parse("--no-xattr"), _FakeFs).kw["posix_acl"] is False
     with pytest.raises(daemon.StartupError, match="does not support user.. extended attr"):
         daemon.filesystem(parse(), _NoXattrFs)

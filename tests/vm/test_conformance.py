@@ -2,12 +2,14 @@
 
 One guest boot (module fixture) runs tests/vm/conformance/posix_suite.py (as root, as ordinary
 users, and as root orchestrating several users) in a fresh directory on each of three vfsd
-shares - default options, --killpriv-v2, --cache never; each daemon unprivileged, each its own
-vhost-user-fs device - and in a fresh directory on a guest-local ext4 (an image made here with
-mkfs.ext4, attached as a virtio disk; 4 KiB blocks and 256-byte inodes like a usual host ext4,
-so both have nanosecond times and 4 KiB hole granularity).  test_posix_conformance[target]
-requires every step of every case on that share to give the same result as on the ext4, except
-the differences listed in ALLOWED (and the target's own list), each with its reason.
+shares - --xattr --posix-acl (the suite covers xattrs and ACLs, which are off by default, as in
+virtiofsd), the same plus --killpriv-v2, and plus --cache never; each daemon unprivileged, each
+its own vhost-user-fs device - and in a fresh directory on a guest-local ext4 (an image made
+here with mkfs.ext4, attached as a virtio disk; 4 KiB blocks and 256-byte inodes like a usual
+host ext4, so both have nanosecond times and 4 KiB hole granularity).
+test_posix_conformance[target] requires every step of every case on that share to give the
+same result as on the ext4, except the differences listed in ALLOWED (and the target's own
+list), each with its reason.
 
 ext4 rather than tmpfs: the guest kernel (Debian 6.1) has no user.* xattrs on tmpfs.
 
@@ -73,14 +75,18 @@ ALLOWED: dict[tuple[str, str], tuple[str, object]] = {
         ("the two long names above are missing", ["trusted.aa*247", "user.o.aaa*253"]),
 }
 
+#: What every target runs with: the suite's xattr, ACL, capability and kill-priv cases need
+#: guest xattrs and POSIX ACLs, which vfsd (like virtiofsd) only gives when asked.
+FEATURES = ["--xattr", "--posix-acl"]
+
 #: The vfsd configurations the suite runs against: (guest mount point, virtio-fs tag, extra
 #: daemon arguments, extra allowed differences).
 TARGETS = {
-    "vfsd": ("/mnt", "myfs", [], {}),
+    "vfsd": ("/mnt", "myfs", [*FEATURES], {}),
     # HANDLE_KILLPRIV_V2: the daemon, not the guest kernel, clears setuid/setgid/capabilities.
-    "vfsd-killpriv-v2": ("/kp", "kp", ["--killpriv-v2"], {}),
+    "vfsd-killpriv-v2": ("/kp", "kp", [*FEATURES, "--killpriv-v2"], {}),
     # cache=never: FOPEN_DIRECT_IO, another write path in the guest's FUSE client.
-    "vfsd-cache-never": ("/nc", "nc", ["--cache", "never"], {}),
+    "vfsd-cache-never": ("/nc", "nc", [*FEATURES, "--cache", "never"], {}),
 }
 # Without KILLPRIV_V2 the guest's FUSE client clears setgid on write/truncate itself
 # (fuse_setattr, Linux 6.1) and only together with group-execute, the pre-6.2 rule; the local

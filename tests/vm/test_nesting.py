@@ -15,6 +15,9 @@ One boot (tests/vm/conformance/nesting_guest.py in the guest):
   user 1000.  Its own guest's records and xattrs land on the host one more level down
   (``user.o.o``, ``user.o.o.trusted.x``, ``user.o.o.o``), and mapping the host names back
   through two ``ownership.XattrNames`` levels gives exactly what each level's guest set.
+
+The outer daemon runs with ``--xattr`` (guest xattrs are off by default, as in virtiofsd): the
+nested daemon keeps its records in guest xattrs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ GUEST = HERE / "conformance" / "nesting_guest.py"
 REPO = HERE.parents[1]
 X = ownership.XattrNames()
 HOST_RECORD = ownership.Record(1234, 5678, stat.S_IFREG | 0o640)
+#: The outer daemon's options: guest xattrs (for the nested daemon's records and the escaping).
+OUTER_ARGS = ["--xattr"]
 
 
 def guest_package_files() -> dict[str, str]:
@@ -65,7 +70,7 @@ def test_nesting(start_vfsd, vfsd_workdir):
     rec.write_text("host\n")
     record_bytes = ownership.encode(HOST_RECORD)
     os.setxattr(rec, "user.o", record_bytes)
-    daemon = start_vfsd(share)
+    daemon = start_vfsd(share, extra_args=OUTER_ARGS)
     files = guest_package_files()
     files["/nest/nesting_guest.py"] = GUEST.read_text()
     r = run_guest("PYTHONPATH=/nest python3 /nest/nesting_guest.py /mnt", python=True,
@@ -175,7 +180,7 @@ def test_nesting(start_vfsd, vfsd_workdir):
 
     # -- after a daemon restart and a fresh boot: the same owner, the same xattrs ---------
     assert daemon.stop() == 0, why
-    d2 = start_vfsd(share)
+    d2 = start_vfsd(share, extra_args=OUTER_ARGS)
     r2 = run_guest("stat -c '%u:%g %a' /mnt/rec; getfattr --absolute-names -m - /mnt/rec; "
                    "getfattr --absolute-names -d -m - /mnt/nest",
                    socket_path=d2.socket_path, timeout=120)

@@ -10,7 +10,8 @@ One guest boot (module fixture) exercises, on the vfsd share:
   trusted.overlay.* xattrs and whiteouts): create, delete, rename, opaque directories, copy-up;
 - SELinux-style security.* labels stored and read back.
 
-Each test then checks the host side: files owned by the daemon's user, the guest's
+The daemon runs with --xattr --posix-acl (both off by default, as in virtiofsd).  Each test
+then checks the host side: files owned by the daemon's user, the guest's
 trusted.*/security.*/ACL xattrs stored under the reserved names (user.o.trusted.*,
 user.o.security.*, user.o.system.posix_acl_*), and no real trusted.*/security.*/system.* xattr
 on any host file.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 import struct
@@ -152,7 +154,8 @@ def features():
         pytest.skip("cannot boot test guests: " + "; ".join(missing))
     work = Path(tempfile.mkdtemp(prefix="vfsd-test-"))
     os.chmod(work, 0o711)
-    daemon = Daemon(work / "share", work / "run" / "vfsd.sock").start()
+    daemon = Daemon(work / "share", work / "run" / "vfsd.sock",
+                    extra_args=["--xattr", "--posix-acl"]).start()
     try:
         files, load = extra_modules("overlay")
         files.update(host_tool_files("/usr/sbin/setcap", "/usr/sbin/getcap"))
@@ -343,3 +346,40 @@ def test_no_privileged_xattr_anywhere_on_the_host(features):
             assert not real, (p, real, r.explain())
             seen += 1
     assert seen > 20, r.explain()
+
+
+DEFAULT_SCRIPT = r"""
+cd /mnt
+echo data > f
+for i in 1 2; do
+  setfattr -n user.x -v 1 f 2>&1; echo "setfattr$i rc=$?"
+  getfattr -n user.x f 2>&1; echo "getfattr$i rc=$?"
+  getfattr -d -m - f 2>&1; echo "list$i rc=$?"
+done
+setfacl -m u:1234:rw f 2>&1; echo "setfacl rc=$?"
+chmod 640 f; chown 1234:5678 f; stat -c 'owner %u:%g %a' f
+"""
+
+
+def test_default_daemon_gives_the_guest_no_xattrs(vfsd):
+    """No --xattr (virtiofsd's default): the guest's xattr requests get ENOSYS, so its kernel
+    answers "Operation not supported" and stops asking; no ACLs either.  The ownership
+    records are kept all the same."""
+    r = run_guest(DEFAULT_SCRIPT, socket_path=vfsd.socket_path, timeout=180)
+    assert r.status == 0, r.explain()
+    out = r.output
+    for step in ("setfattr1", "getfattr1", "setfattr2", "getfattr2", "setfacl"):
+        assert f"{step} rc=0" not in out, (step, r.explain())
+    assert out.count("Operation not supported") >= 5, r.explain()
+    assert "owner 1234:5678 640" in out, r.explain()
+    # each xattr request reached the daemon at most once: after the first ENOSYS the guest
+    # kernel answers by itself
+    log = vfsd.log_text()
+    seen = {op: len(re.findall(rf"\b{op} unique=", log))
+            for op in ("GETXATTR", "SETXATTR", "LISTXATTR", "REMOVEXATTR")}
+    assert all(n <= 1 for n in seen.values()), (seen, r.explain())
+    assert seen["SETXATTR"] == 1 and seen["GETXATTR"] == 1, (seen, r.explain())
+    f = vfsd.shared_dir / "f"
+    assert sorted(os.listxattr(f)) == ["user.o"], r.explain()
+    rec = ownership.decode(os.getxattr(f, "user.o"))
+    assert (rec.uid, rec.gid, rec.perm) == (1234, 5678, 0o640), rec

@@ -379,7 +379,8 @@ class FuseServer:
         for op, fn in ops.items():
             if on:
                 self._handlers[op] = fn
-            else:  # --no-xattr: ENOSYS, and the guest kernel stops asking
+            else:  # xattrs off (the default, as in virtiofsd): ENOSYS, and the guest
+                # kernel stops asking
                 self._handlers.pop(op, None)
 
     def _server_kills_caps(self) -> bool:

@@ -49,7 +49,7 @@ import hmac
 import os
 import stat
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 __all__ = [
     "RECORD_FORMAT_VERSION", "RECORD_SIZE", "TAG_SIZE", "FLAG_TAG", "MIN_KEY_SIZE",
@@ -157,8 +157,9 @@ class Record:
 
         Kill-priv is a separate step (:meth:`without_suid_sgid`), because whether it
         applies depends on the request flags (ownership.md §Semantics)."""
-        return replace(self, uid=self.uid if uid is None else uid,
-                       gid=self.gid if gid is None else gid)
+        uid = self.uid if uid is None else uid
+        gid = self.gid if gid is None else gid
+        return self._with(uid, gid, self.mode)
 
     def with_mode(self, mode: int) -> Record:
         """chmod: a copy with the 07777 bits taken from ``mode``; the type never changes.
@@ -168,7 +169,7 @@ class Record:
         kind = stat.S_IFMT(mode)
         if kind and kind != self.file_type:
             raise ValueError(f"chmod cannot change the file type ({mode:#o})")
-        return replace(self, mode=self.file_type | (mode & _PERM_BITS))
+        return self._with(self.uid, self.gid, self.file_type | (mode & _PERM_BITS))
 
     def without_suid_sgid(self) -> Record:
         """Kill-priv as Linux does it (ownership.md §Semantics, kill-priv): clear setuid,
@@ -177,7 +178,33 @@ class Record:
         if self.file_type == stat.S_IFDIR:
             return self
         kill = stat.S_ISUID | (stat.S_ISGID if self.mode & stat.S_IXGRP else 0)
-        return replace(self, mode=self.mode & ~kill)
+        return self._with(self.uid, self.gid, self.mode & ~kill)
+
+    def _with(self, uid: int, gid: int, mode: int) -> Record:
+        """A copy with these ids and mode: this very record when nothing changes
+        (records are immutable; a guest `chown -R` mostly re-sets what is there),
+        else a new one, checked like any other (cheaper than dataclasses.replace)."""
+        if type(uid) is not int or type(gid) is not int or type(self) is not Record:
+            # (1.0 == 1: only exact ints may match a checked record)
+            return type(self)(uid, gid, mode, self.rdev_major, self.rdev_minor)
+        if uid == self.uid and gid == self.gid and mode == self.mode:
+            return self
+        key = (uid, gid, mode, self.rdev_major, self.rdev_minor)
+        rec = _derived.get(key)
+        if rec is None:
+            rec = Record(*key)
+            if len(_derived) >= _MAX_DERIVED:
+                _derived.clear()
+            _derived[key] = rec
+        return rec
+
+
+# Records made by with_owner/with_mode/without_suid_sgid, by value: a `chown -R`
+# or an untar gives thousands of files the same owner and mode, and a checked
+# Record is immutable, so one object serves them all.  Bounded (the guest picks
+# the values).
+_derived: dict[tuple[int, int, int, int, int], Record] = {}
+_MAX_DERIVED = 1024
 
 
 def _check_key(key: bytes) -> None:

@@ -28,7 +28,6 @@ import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass, field, replace
 
 from . import ownership, syscalls
 from . import posix_acl as pacl
@@ -46,38 +45,73 @@ _MAX_SYMLINK = 4095
 XATTR_CREATE, XATTR_REPLACE = os.XATTR_CREATE, os.XATTR_REPLACE
 SECURITY_CAPABILITY = b"security.capability"
 _ACL_NAMES = (pacl.ACCESS, pacl.DEFAULT)
+_MAX_MEMO = 4096  # entries in each of PassthroughFs's memo dicts
 
 
-@dataclass(eq=False)
+# Per-node locks (record read-modify-write, _materialize) come from a small
+# shared pool instead of one Lock per node: a LOOKUP of a new node then
+# allocates no lock, and a node costs less memory.  Two nodes may share a lock;
+# that only serializes them, since no code path holds two node locks at once.
+_NODE_LOCKS = tuple(threading.Lock() for _ in range(64))
+_NO_NAMES: frozenset[bytes] = frozenset()
+
+
+def _proc_path(fd: int) -> bytes:
+    """`/proc/self/fd/N` as bytes: the syscalls take bytes without re-encoding."""
+    return b"/proc/self/fd/%d" % fd
+
+
 class Inode:
-    nodeid: int
-    fd: int  # O_PATH
-    key: tuple[int, int]  # (st_dev, st_ino)
-    nlookup: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # Cached record: a write by this daemon updates it; it is read once per
-    # live node (host-side record edits show after the node is forgotten).
-    record: Record | None = None
-    record_loaded: bool = False
-    bad_record_logged: bool = False
-    # fds replaced by _materialize, closed with the node (another thread may
-    # still be using the number, which must not be reused under it)
-    retired_fds: list[int] = field(default_factory=list)
-    # Whether the guest's security.capability may be set: None unknown, so a
-    # write that must drop capabilities costs a removexattr only once.
-    may_have_caps: bool | None = None
-    # The default record (no valid record of our own), keyed by the host
-    # fields it is made from, so GETATTR does not rebuild it every time.
-    default: tuple[tuple, Record] | None = None
+    """One live node.  Slotted and without per-node Lock or list: the guest
+    makes and forgets thousands of them, each a LOOKUP on the hot path."""
+
+    __slots__ = ("nodeid", "fd", "path", "key", "nlookup", "record", "record_loaded",
+                 "bad_record_logged", "retired_fds", "default", "xabsent")
+
+    def __init__(self, nodeid: int, fd: int, key: tuple[int, int], nlookup: int = 0):
+        self.nodeid = nodeid
+        self.fd = fd  # O_PATH
+        self.path = _proc_path(fd)  # names the inode for *xattr, reopen, chmod, utimes
+        self.key = key  # (st_dev, st_ino)
+        self.nlookup = nlookup
+        # Cached record: a write by this daemon updates it; it is read once per
+        # live node (host-side record edits show after the node is forgotten).
+        self.record: Record | None = None
+        self.record_loaded = False
+        self.bad_record_logged = False
+        # fds replaced by _materialize, closed with the node (another thread
+        # may still be using the number, which must not be reused under it)
+        self.retired_fds: list[int] | None = None
+        # The default record (no valid record of our own), keyed by the host
+        # fields it is made from, so GETATTR does not rebuild it every time.
+        self.default: tuple[tuple, Record] | None = None
+        # Host xattr names in the daemon's reserved tree (R.*: the guest's
+        # ACLs, capabilities, trusted.*/security.*) known to be absent, so the
+        # guest kernel's many GETXATTRs of them (each chmod, write, create
+        # asks for an ACL or security.capability) need no syscall.  Like the
+        # record, it is kept per live node and updated by every xattr write
+        # of this daemon; a host-side edit of R.* shows once the node is
+        # forgotten.  Replaced, never mutated (see PassthroughFs._xabsent_add).
+        self.xabsent: frozenset[bytes] = _NO_NAMES
+
+    @property
+    def lock(self) -> threading.Lock:
+        return _NODE_LOCKS[self.nodeid & 63]
+
+    def set_fd(self, fd: int) -> None:
+        self.fd, self.path = fd, _proc_path(fd)
 
 
-@dataclass(eq=False)
 class Handle:
-    fd: int
-    nodeid: int
-    is_dir: bool = False
-    entries: list | None = None  # directory snapshot for READDIR offsets
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    __slots__ = ("fd", "nodeid", "is_dir", "entries", "lock")
+
+    def __init__(self, fd: int, nodeid: int, is_dir: bool = False):
+        self.fd = fd
+        self.nodeid = nodeid
+        self.is_dir = is_dir
+        self.entries: list | None = None  # directory snapshot for READDIR offsets
+        # only directory handles need one (READDIR snapshot); files have none
+        self.lock = threading.Lock() if is_dir else None
 
 
 class PassthroughFs:
@@ -95,6 +129,20 @@ class PassthroughFs:
         self._acl_access = self.names.guest_to_host(pacl.ACCESS)
         self._acl_default = self.names.guest_to_host(pacl.DEFAULT)
         self._caps = self.names.guest_to_host(SECURITY_CAPABILITY)
+        # What a new object made by this daemon is known not to carry (see
+        # Inode.xabsent): the reserved names the guest kernel keeps asking for.
+        self._new_xabsent = frozenset((self._acl_access, self._acl_default, self._caps))
+        # Only names in the daemon's reserved tree are cached as absent; other
+        # user.* xattrs belong to host users as much as to the guest.
+        self._reserved_prefix = self._record_name_b + b"."
+        # Memo of guest xattr name -> host name (a pure function of the
+        # configuration), and of record bytes -> decoded Record (immutable, so
+        # one object serves every node with the same owner and mode).  Both
+        # are bounded: the guest chooses the names and the records.
+        self._xname_memo: dict[bytes, bytes] = {}
+        self._decoded: dict[bytes, Record] = {}
+        self._xgen = 0  # bumped after each xattr write (see _xabsent_add)
+        self._name_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
         self.xattrmap = xattrmap
         # virtiofsd drops O_DIRECT (page-cache coherency with the guest's own
         # cache) and O_NOATIME (EPERM on files one does not own) by default.
@@ -147,19 +195,32 @@ class PassthroughFs:
             raise OSError(errno.EBADF, f"unknown node id {nodeid}")
         return ino
 
-    def _adopt(self, fd: int, st: os.stat_result) -> Inode:
-        """Enter an O_PATH fd into the table (or reuse the live node) with one lookup."""
+    def _adopt(self, fd: int, st: os.stat_result, new: Record | None = None,
+               xabsent: frozenset[bytes] = _NO_NAMES) -> Inode:
+        """Enter an O_PATH fd into the table (or reuse the live node) with one lookup.
+
+        `new`: the record of an object this daemon just made, and `xabsent`
+        the reserved xattrs it is known not to have; the latter is only
+        trusted for a node made here (a live node met by another thread's
+        LOOKUP in between may have been changed through it already)."""
         key = (st.st_dev, st.st_ino)
         with self._lock:
             ino = self._by_key.get(key)
             if ino is not None:
                 ino.nlookup += 1
                 os.close(fd)
+            else:
+                ino = Inode(next(self._next_id), fd, key, nlookup=1)
+                ino.xabsent = xabsent
+                if new is not None:
+                    ino.record, ino.record_loaded = new, True
+                self._by_id[ino.nodeid] = ino
+                self._by_key[key] = ino
                 return ino
-            ino = Inode(next(self._next_id), fd, key, nlookup=1)
-            self._by_id[ino.nodeid] = ino
-            self._by_key[key] = ino
-            return ino
+        if new is not None:
+            with ino.lock:
+                ino.record, ino.record_loaded = new, True
+        return ino
 
     def _open_child(self, parent: Inode, name: bytes) -> tuple[int, os.stat_result]:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -171,34 +232,51 @@ class PassthroughFs:
 
     def _entry(self, ino: Inode, st: os.stat_result | None = None,
                parent: Inode | None = None) -> Entry:
-        attr = self._attr(ino, st)
-        if parent is not None and parent.key[0] != ino.key[0]:
-            attr = replace(attr, submount=True)  # a mount point inside the share
-        return Entry(ino.nodeid, 0, attr)
+        # a different st_dev than the parent's: a mount point inside the share
+        return Entry(ino.nodeid, 0, self._attr(
+            ino, st, parent is not None and parent.key[0] != ino.key[0]))
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         if nodeid == ROOT_ID:
             return
         with self._lock:
-            ino = self._by_id.get(nodeid)
-            if ino is None:
-                return
-            ino.nlookup -= nlookup
-            if ino.nlookup > 0:
-                return
-            del self._by_id[nodeid]
-            if self._by_key.get(ino.key) is ino:
-                del self._by_key[ino.key]
-        self._close_node(ino)
+            ino = self._drop(nodeid, nlookup)
+        if ino is not None:
+            self._close_node(ino)
+
+    def _drop(self, nodeid: int, nlookup: int) -> Inode | None:
+        """Take `nlookup` lookups off a node; the node if that was its last
+        (removed from the table, for the caller to close).  Caller holds _lock."""
+        ino = self._by_id.get(nodeid)
+        if ino is None or nodeid == ROOT_ID:
+            return None
+        ino.nlookup -= nlookup
+        if ino.nlookup > 0:
+            return None
+        del self._by_id[nodeid]
+        if self._by_key.get(ino.key) is ino:
+            del self._by_key[ino.key]
+        return ino
 
     @staticmethod
     def _close_node(ino: Inode) -> None:
-        for fd in (ino.fd, *ino.retired_fds):
+        os.close(ino.fd)
+        for fd in ino.retired_fds or ():
             os.close(fd)
 
     def batch_forget(self, items) -> None:
-        for item in items:
-            self.forget(item.nodeid, item.nlookup)
+        # One table lock for the whole batch; the fds are closed outside it
+        # (closing an unlinked file's last fd frees it on the host: slow).
+        dead = []
+        try:
+            with self._lock:
+                for item in items:
+                    ino = self._drop(item.nodeid, item.nlookup)
+                    if ino is not None:
+                        dead.append(ino)
+        finally:
+            for ino in dead:
+                self._close_node(ino)
 
     def destroy(self) -> None:
         """The guest unmounted: drop every handle and every node but the root."""
@@ -206,6 +284,7 @@ class PassthroughFs:
             handles, self._handles = self._handles, {}
             nodes = [i for i in self._by_id.values() if i.nodeid != ROOT_ID]
             root = self._by_id[ROOT_ID]
+            root.xabsent = _NO_NAMES  # a new mount reads the root's xattrs afresh
             self._by_id = {ROOT_ID: root}
             self._by_key = {root.key: root}
         for h in handles.values():
@@ -223,7 +302,7 @@ class PassthroughFs:
         host_type = stat.S_IFMT(st.st_mode)
         if host_type in _HOST_RECORD_TYPES:
             try:
-                data = os.getxattr(proc_fd(ino.fd), self.record_name)
+                data = os.getxattr(ino.path, self._record_name_b)
             except OSError as e:
                 # EACCES: a host file the daemon's user may not read (another
                 # host user's) cannot have a record of ours: default owner.
@@ -232,7 +311,7 @@ class PassthroughFs:
                     raise
             else:
                 try:
-                    rec = ownership.decode(data, self.key, name=self._record_name_b)
+                    rec = self._decode(data)
                     if ownership.host_type_for(rec.mode) != host_type:
                         raise RecordError(f"record type {stat.S_IFMT(rec.mode):#o} does not "
                                           f"fit a host {stat.filemode(st.st_mode)[0]} inode")
@@ -246,10 +325,24 @@ class PassthroughFs:
         ino.record, ino.record_loaded = rec, True
         return rec
 
+    def _decode(self, data: bytes) -> Record:
+        """ownership.decode, interned: nodes with the same owner and mode (most
+        of a tree) share one Record and skip the parse and checks."""
+        rec = self._decoded.get(data)
+        if rec is None:
+            rec = ownership.decode(data, self.key, name=self._record_name_b)
+            if len(self._decoded) >= _MAX_MEMO:
+                self._decoded.clear()
+            self._decoded[data] = rec
+        return rec
+
     def _effective(self, ino: Inode, st: os.stat_result) -> Record:
         rec = self._load_record(ino, st)
         if rec is not None:
             return rec
+        return self._default_record(ino, st)
+
+    def _default_record(self, ino: Inode, st: os.stat_result) -> Record:
         key = (st.st_uid, st.st_gid, st.st_mode, st.st_rdev)
         cached = ino.default
         if cached is not None and cached[0] == key:
@@ -262,8 +355,8 @@ class PassthroughFs:
     def _store_record(self, ino: Inode, rec: Record, st: os.stat_result) -> None:
         if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
             st = self._materialize(ino, st)
-        path = proc_fd(ino.fd)
-        os.setxattr(path, self.record_name,
+        path = ino.path
+        os.setxattr(path, self._record_name_b,
                     ownership.encode(rec, self.key, name=self._record_name_b))
         want = ownership.host_mode_for(rec.mode)
         if stat.S_IMODE(st.st_mode) != want:
@@ -312,22 +405,41 @@ class PassthroughFs:
         with self._lock:
             if self._by_key.get(ino.key) is ino:
                 del self._by_key[ino.key]
+            if ino.retired_fds is None:
+                ino.retired_fds = []
             ino.retired_fds.append(ino.fd)
-            ino.fd, ino.key = new_fd, (new_st.st_dev, new_st.st_ino)
+            ino.set_fd(new_fd)
+            ino.key = (new_st.st_dev, new_st.st_ino)
             self._by_key[ino.key] = ino
+            # a new host inode, with nothing but its record
+            self._xgen += 1
+            ino.xabsent = self._new_xabsent
         ino.record, ino.record_loaded = rec, True
         log.info("inode %d: host %s %r now stored as a file with a record (guest changed it)",
                  ino.nodeid, stat.filemode(st.st_mode)[0], where.decode(errors="replace"))
         return new_st
 
-    def _attr(self, ino: Inode, st: os.stat_result | None = None) -> Attr:
+    def _attr(self, ino: Inode, st: os.stat_result | None = None,
+              submount: bool = False) -> Attr:
         if st is None:
             st = os.fstat(ino.fd)
-        rec = self._effective(ino, st)
-        return Attr(ino=st.st_ino, size=st.st_size, blocks=st.st_blocks,
-                    atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
-                    mode=rec.mode, nlink=st.st_nlink, uid=rec.uid, gid=rec.gid,
-                    rdev=rec.rdev, blksize=st.st_blksize)
+        # _effective, inlined: this runs for every GETATTR, LOOKUP and SETATTR
+        rec = ino.record if ino.record_loaded else self._load_record(ino, st)
+        if rec is None:
+            rec = self._default_record(ino, st)
+        # positional: each keyword costs on a frozen dataclass built per reply
+        return Attr(st.st_ino, st.st_size, st.st_blocks, st.st_atime_ns, st.st_mtime_ns,
+                    st.st_ctime_ns, rec.mode, st.st_nlink, rec.uid, rec.gid,
+                    rec.rdev if rec.rdev_major or rec.rdev_minor else 0, st.st_blksize,
+                    submount)
+
+    def _record_of(self, ino: Inode) -> Record:
+        """_effective without the fstat when the node's own record is known
+        (the host fields only matter for the default record)."""
+        rec = ino.record
+        if rec is None or not ino.record_loaded:
+            rec = self._effective(ino, os.fstat(ino.fd))
+        return rec
 
     def _new_record(self, ctx: Ctx, parent: Inode, mode: int, rdev: int = 0,
                     umask: int = 0) -> tuple[Record, dict[bytes, bytes]]:
@@ -339,7 +451,7 @@ class PassthroughFs:
         default ACL on the parent, the new object's mode and access ACL come
         from it and the umask is not applied (posix_acl_create); otherwise the
         umask is (FUSE_DONT_MASK hands it to us; 0 when the guest applied it)."""
-        prec = self._effective(parent, os.fstat(parent.fd))
+        prec = self._record_of(parent)
         kind = stat.S_IFMT(mode)
         gid, perm = ctx.gid, mode & 0o7777
         if prec.mode & stat.S_ISGID:
@@ -380,19 +492,63 @@ class PassthroughFs:
     # Host xattrs (the names here are host names, already mapped)
     # ------------------------------------------------------------------
     def _xget(self, ino: Inode, host_name: bytes) -> bytes | None:
+        """The value of a host xattr; None if there is none (or the host
+        object cannot have one)."""
+        if host_name in ino.xabsent:
+            return None
+        gen = self._xgen
         try:
-            return os.getxattr(proc_fd(ino.fd), host_name)
+            return os.getxattr(ino.path, host_name)
         except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            if e.errno == errno.ENODATA:
+                self._xabsent_add(ino, host_name, gen)
+                return None
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 return None
             raise
 
     def _xremove(self, ino: Inode, host_name: bytes) -> None:
+        gen = self._xgen
         try:
-            os.removexattr(proc_fd(ino.fd), host_name)
+            os.removexattr(ino.path, host_name)
         except OSError as e:
             if e.errno != errno.ENODATA:
                 raise
+        self._xabsent_add(ino, host_name, gen)
+
+    def _xabsent_add(self, ino: Inode, host_name: bytes, gen: int) -> None:
+        """Remember that the node has no xattr `host_name` (Inode.xabsent), as
+        a read or removal begun at write generation `gen` found — unless a
+        write of an xattr finished since: it may have come after the read.
+        Only names in the daemon's reserved tree, and a few per node."""
+        if not host_name.startswith(self._reserved_prefix) or len(ino.xabsent) >= 8:
+            return
+        with self._lock:
+            if self._xgen == gen:
+                ino.xabsent = self._interned_names(ino.xabsent | {host_name})
+
+    def _xwritten(self, ino: Inode, host_name: bytes) -> None:
+        """Call after every write of an xattr of a live node (success or not):
+        the name may exist now."""
+        with self._lock:
+            self._xgen += 1
+            if host_name in ino.xabsent:
+                ino.xabsent = self._interned_names(ino.xabsent - {host_name})
+
+    def _interned_names(self, names: frozenset[bytes]) -> frozenset[bytes]:
+        """One shared object per distinct set (there are a handful), not one per node."""
+        got = self._name_sets.get(names)
+        if got is None:
+            if len(self._name_sets) >= _MAX_MEMO:
+                self._name_sets.clear()
+            got = self._name_sets[names] = names
+        return got
+
+    def _xset(self, ino: Inode, host_name: bytes, value: bytes, flags: int = 0) -> None:
+        try:
+            os.setxattr(ino.path, host_name, value, flags)
+        finally:
+            self._xwritten(ino, host_name)
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -428,7 +584,7 @@ class PassthroughFs:
                         os.write(fd, content)
                     for xname, xvalue in xattrs.items():
                         os.setxattr(fd, xname, xvalue)
-                    os.setxattr(fd, self.record_name, value)
+                    os.setxattr(fd, self._record_name_b, value)
                     if name is not None:
                         syscalls.link_fd(fd, parent.fd, name)
                     return fd
@@ -440,7 +596,7 @@ class PassthroughFs:
         fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=parent.fd)
         try:
-            os.setxattr(fd, self.record_name, value)
+            os.setxattr(fd, self._record_name_b, value)
             for xname, xvalue in xattrs.items():
                 os.setxattr(fd, xname, xvalue)
             os.fchmod(fd, mode)
@@ -452,14 +608,24 @@ class PassthroughFs:
             os.unlink(name, dir_fd=parent.fd)
             raise
 
-    def _adopt_new(self, fd: int, rec: Record) -> Inode:
-        """Enter a just-created object, whose record we know, into the table."""
-        path_fd = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
-        st = os.fstat(path_fd)
-        ino = self._adopt(path_fd, st)
-        with ino.lock:
-            ino.record, ino.record_loaded = rec, True
-        return ino
+    def _adopt_new(self, fd: int, rec: Record,
+                   xattrs: dict[bytes, bytes] | None) -> tuple[Inode, os.stat_result]:
+        """Enter a just-created object, whose record and xattrs we know, into
+        the table; with its stat, which serves the reply."""
+        path_fd = os.open(_proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+        try:
+            st = os.fstat(path_fd)
+        except BaseException:
+            os.close(path_fd)
+            raise
+        return self._adopt(path_fd, st, rec, self._absent_on_new(xattrs)), st
+
+    def _absent_on_new(self, xattrs: dict[bytes, bytes] | None) -> frozenset[bytes]:
+        """What a new object made with `xattrs` (and its record) lacks."""
+        if not xattrs:
+            return self._new_xabsent
+        with self._lock:
+            return self._interned_names(self._new_xabsent.difference(xattrs))
 
     def _create_special(self, ctx: Ctx, parent_id: int, name: bytes, rec: Record,
                         content: bytes = b"", xattrs: dict[bytes, bytes] | None = None) -> Entry:
@@ -467,10 +633,10 @@ class PassthroughFs:
         parent = self._inode(parent_id)
         fd = self._make_file(parent, name, rec, content, xattrs)
         try:
-            ino = self._adopt_new(fd, rec)
+            ino, st = self._adopt_new(fd, rec, xattrs)
         finally:
             os.close(fd)
-        return self._entry(ino)
+        return self._entry(ino, st)
 
     # ------------------------------------------------------------------
     # Operations: names
@@ -482,13 +648,19 @@ class PassthroughFs:
         return self._entry(ino, st, parent)
 
     def getattr(self, ctx: Ctx, nodeid: int, fh: int | None) -> Attr:
-        return self._attr(self._inode(nodeid))
+        ino = self._by_id.get(nodeid)  # _inode, inlined on the most frequent request
+        if ino is None:
+            raise OSError(errno.EBADF, f"unknown node id {nodeid}")
+        return self._attr(ino)
 
     def setattr(self, ctx: Ctx, nodeid: int, ch: SetAttr) -> Attr:
         self._check_writable()
         ino = self._inode(nodeid)
+        owner = ch.mode is not None or ch.uid is not None or ch.gid is not None or ch.kill_suidgid
         with ino.lock:
-            st = os.fstat(ino.fd)
+            # host fields are only needed to truncate or to rewrite the
+            # record, not for a utimens alone (tar's most frequent SETATTR)
+            st = os.fstat(ino.fd) if owner or ch.size is not None else None
             if ch.size is not None:
                 rec = self._effective(ino, st)
                 if stat.S_ISDIR(rec.mode):
@@ -499,23 +671,32 @@ class PassthroughFs:
                 if h is not None and not h.is_dir and h.nodeid == nodeid:
                     os.ftruncate(h.fd, ch.size)
                 else:
-                    os.truncate(proc_fd(ino.fd), ch.size)
-            if ch.mode is not None or ch.uid is not None or ch.gid is not None or ch.kill_suidgid:
+                    os.truncate(ino.path, ch.size)
+            if owner:
                 old = self._effective(ino, st)
                 new = old.with_owner(ch.uid, ch.gid)
                 if ch.mode is not None:
                     new = new.with_mode(ch.mode)
                 if ch.kill_suidgid:
                     new = new.without_suid_sgid()
-                    self._xremove_quiet(ino, self._caps, st)
-                    ino.may_have_caps = False
+                    if self._caps not in ino.xabsent:
+                        self._xremove_quiet(ino, self._caps, st)
                 if new != old or self._load_record(ino, st) is None:
                     self._store_record(ino, new, st)
                 if ch.mode is not None and self.posix_acl:
                     self._chmod_acl(ino, new.mode)
             if ch.atime_ns is not None or ch.mtime_ns is not None:
-                syscalls.utimensat(syscalls.AT_FDCWD, proc_fd(ino.fd), ch.atime_ns, ch.mtime_ns)
+                self._utimens(ino, ch.atime_ns, ch.mtime_ns)
             return self._attr(ino)
+
+    @staticmethod
+    def _utimens(ino: Inode, atime_ns: int | str | None, mtime_ns: int | str | None) -> None:
+        if type(atime_ns) is int and type(mtime_ns) is int:
+            # Both times given (tar, cp -p, touch -d): the same utimensat(2)
+            # through os, cheaper than building timespecs with ctypes.
+            os.utime(ino.path, ns=(atime_ns, mtime_ns))
+        else:  # "now" or one time left alone: UTIME_NOW / UTIME_OMIT
+            syscalls.utimensat(syscalls.AT_FDCWD, ino.path, atime_ns, mtime_ns)
 
     def _xremove_quiet(self, ino: Inode, host_name: bytes, st: os.stat_result) -> None:
         if stat.S_IFMT(st.st_mode) in _HOST_RECORD_TYPES:
@@ -526,7 +707,7 @@ class PassthroughFs:
         value = self._xget(ino, self._acl_access)
         if value:
             acl = pacl.chmod(pacl.parse(value), mode)
-            os.setxattr(proc_fd(ino.fd), self._acl_access, pacl.encode(acl))
+            self._xset(ino, self._acl_access, pacl.encode(acl))
 
     def readlink(self, ctx: Ctx, nodeid: int) -> bytes:
         ino = self._inode(nodeid)
@@ -535,7 +716,7 @@ class PassthroughFs:
             return os.fsencode(os.readlink("", dir_fd=ino.fd))  # readlinkat(fd, "")
         if not stat.S_ISLNK(self._effective(ino, st).mode):
             raise OSError(errno.EINVAL, "not a symlink")
-        fd = os.open(proc_fd(ino.fd), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(ino.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             target = os.read(fd, _MAX_SYMLINK + 1)
         finally:
@@ -570,10 +751,10 @@ class PassthroughFs:
             fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=parent.fd)
             st = os.fstat(fd)
-            ino = self._adopt(fd, st)
+            ino = self._adopt(fd, st, xabsent=self._absent_on_new(xattrs))
             with ino.lock:
                 for xname, xvalue in xattrs.items():
-                    os.setxattr(proc_fd(fd), xname, xvalue)
+                    self._xset(ino, xname, xvalue)
                 self._store_record(ino, rec, st)
         except BaseException:
             try:
@@ -679,8 +860,7 @@ class PassthroughFs:
 
     def open(self, ctx: Ctx, nodeid: int, flags: int) -> Opened:
         ino = self._inode(nodeid)
-        st = os.fstat(ino.fd)
-        kind = stat.S_IFMT(self._effective(ino, st).mode)
+        kind = stat.S_IFMT(self._record_of(ino).mode)
         if kind == stat.S_IFDIR:
             raise OSError(errno.EISDIR, "open of a directory")
         if kind == stat.S_IFLNK:
@@ -691,7 +871,7 @@ class PassthroughFs:
             raise OSError(errno.ENXIO, "open of a special file")
         if self.readonly and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise OSError(errno.EROFS, "read-only share")
-        fd = os.open(proc_fd(ino.fd), self._host_open_flags(flags))
+        fd = os.open(ino.path, self._host_open_flags(flags))
         return Opened(self._new_handle(fd, nodeid))
 
     def create(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, umask: int,
@@ -714,17 +894,19 @@ class PassthroughFs:
                 self.forget(entry.nodeid, 1)
                 raise
             return self._entry(self._inode(entry.nodeid)), opened
-        return self._open_new(fd, rec, flags)
+        return self._open_new(fd, rec, xattrs, flags)
 
-    def _open_new(self, fd: int, rec: Record, flags: int) -> tuple[Entry, Opened]:
+    def _open_new(self, fd: int, rec: Record, xattrs: dict[bytes, bytes] | None,
+                  flags: int) -> tuple[Entry, Opened]:
         """Enter a just-made file (its O_RDWR fd, closed here) and open a handle
         with the guest's own flags (O_APPEND, access mode, ...)."""
         try:
-            ino = self._adopt_new(fd, rec)
-            hfd = os.open(proc_fd(fd), self._host_open_flags(flags))
+            ino, st = self._adopt_new(fd, rec, xattrs)
+            hfd = os.open(_proc_path(fd), self._host_open_flags(flags))
         finally:
             os.close(fd)
-        return self._entry(ino), Opened(self._new_handle(hfd, ino.nodeid))
+        # st (taken after the link) is still the file's: opening changes nothing
+        return self._entry(ino, st), Opened(self._new_handle(hfd, ino.nodeid))
 
     def read(self, ctx: Ctx, nodeid: int, fh: int, offset: int, views: list) -> int:
         if not views:
@@ -748,6 +930,10 @@ class PassthroughFs:
         setattr_should_drop_sgid; the primary gid is all FUSE tells us); drop
         the guest's file capabilities."""
         with ino.lock:
+            # caps: nothing to do (not even an fstat) once known absent
+            caps = caps and self._caps not in ino.xabsent
+            if not (suidgid or caps):
+                return
             st = os.fstat(ino.fd)
             if suidgid:
                 rec = self._load_record(ino, st)
@@ -757,9 +943,8 @@ class PassthroughFs:
                         mode &= ~stat.S_ISGID
                     if mode != rec.mode:
                         self._store_record(ino, rec.with_mode(mode), st)
-            if caps and ino.may_have_caps is not False:
+            if caps:
                 self._xremove_quiet(ino, self._caps, st)
-                ino.may_have_caps = False
 
     def release(self, ctx: Ctx, nodeid: int, fh: int) -> None:
         with self._lock:
@@ -782,7 +967,7 @@ class PassthroughFs:
     # ------------------------------------------------------------------
     def opendir(self, ctx: Ctx, nodeid: int, flags: int) -> Opened:
         ino = self._inode(nodeid)
-        fd = os.open(proc_fd(ino.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(ino.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return Opened(self._new_handle(fd, nodeid, is_dir=True))
 
     def _snapshot(self, h: Handle) -> list[tuple[bytes, int, int]]:
@@ -811,9 +996,9 @@ class PassthroughFs:
         """The guest's type of a host regular file: its record may say symlink,
         device, FIFO or socket.  `name` comes from the host listing, not the guest."""
         try:
-            data = os.getxattr(f"/proc/self/fd/{dir_fd}/".encode() + name, self.record_name,
+            data = os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), self._record_name_b,
                                follow_symlinks=False)
-            rec = ownership.decode(data, self.key, name=self._record_name_b)
+            rec = self._decode(data)
         except (OSError, RecordError):
             return stat.S_IFREG
         kind = stat.S_IFMT(rec.mode)
@@ -862,9 +1047,28 @@ class PassthroughFs:
             raise
 
     def getxattr(self, ctx: Ctx, nodeid: int, name: bytes) -> bytes:
-        ino = self._inode(nodeid)
+        # A quarter of the guest's requests, nearly all answered ENODATA
+        # (security.capability before each write, ACLs after each chmod or
+        # utimes): the name mapping is memoized and absence remembered.
+        ino = self._by_id.get(nodeid)
+        if ino is None:
+            raise OSError(errno.EBADF, f"unknown node id {nodeid}")
         try:
-            return os.getxattr(proc_fd(ino.fd), self._existing_xattr(name))
+            host = self._xname_memo.get(name)
+            if host is None:
+                host = self._existing_xattr(name)
+                if len(self._xname_memo) >= _MAX_MEMO:
+                    self._xname_memo.clear()
+                self._xname_memo[name] = host
+            if host in ino.xabsent:
+                raise OSError(errno.ENODATA, "no such attribute")
+            gen = self._xgen
+            try:
+                return os.getxattr(ino.path, host)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    self._xabsent_add(ino, host, gen)
+                raise
         except OSError as e:
             # EPERM: refused by --xattrmap (as virtiofsd) or a host special file
             if e.errno == errno.EPERM:
@@ -873,7 +1077,7 @@ class PassthroughFs:
 
     def listxattr(self, ctx: Ctx, nodeid: int) -> list[bytes]:
         ino = self._inode(nodeid)
-        names = self.names.filter_list([os.fsencode(n) for n in os.listxattr(proc_fd(ino.fd))])
+        names = self.names.filter_list([os.fsencode(n) for n in os.listxattr(ino.path)])
         if self.xattrmap is not None:
             names = [n if self.posix_acl and n in _ACL_NAMES else self.xattrmap.to_client(n)
                      for n in names]
@@ -889,14 +1093,12 @@ class PassthroughFs:
         if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
             with ino.lock:
                 self._materialize(ino, st)
-        if host == self._caps:
-            ino.may_have_caps = True
         if name == pacl.ACCESS and self.posix_acl:
             self._set_access_acl(ino, value, flags, acl_kill_sgid)
             return
         if name == pacl.DEFAULT and self.posix_acl and value:
             pacl.parse(value)  # refuse what could not be inherited later
-        os.setxattr(proc_fd(ino.fd), host, value, flags)
+        self._xset(ino, host, value, flags)
 
     def _set_access_acl(self, ino: Inode, value: bytes, flags: int, kill_sgid: bool) -> None:
         """Setting the access ACL also sets the mode it implies, and an ACL that
@@ -916,14 +1118,17 @@ class PassthroughFs:
             if equivalent:
                 self._xremove(ino, self._acl_access)
             else:
-                os.setxattr(proc_fd(ino.fd), self._acl_access, value)
+                self._xset(ino, self._acl_access, value)
             if mode != rec.mode or self._load_record(ino, st) is None:
                 self._store_record(ino, rec.with_mode(mode), st)
 
     def removexattr(self, ctx: Ctx, nodeid: int, name: bytes) -> None:
         self._check_writable()
         ino = self._inode(nodeid)
-        os.removexattr(proc_fd(ino.fd), self._existing_xattr(name))
+        host = self._existing_xattr(name)
+        gen = self._xgen
+        os.removexattr(ino.path, host)
+        self._xabsent_add(ino, host, gen)
 
     # ------------------------------------------------------------------
     # Operations: file space and copies
@@ -963,7 +1168,8 @@ class PassthroughFs:
         self._check_writable()
         parent = self._inode(parent_id)
         rec, xattrs = self._new_record(ctx, parent, stat.S_IFREG | (mode & 0o7777), umask=umask)
-        return self._open_new(self._make_file(parent, None, rec, xattrs=xattrs), rec, flags)
+        return self._open_new(self._make_file(parent, None, rec, xattrs=xattrs), rec, xattrs,
+                              flags)
 
     def close(self) -> None:
         """Release every fd (for tests and embedding; the daemon just exits)."""

@@ -42,14 +42,20 @@ _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_c
 
 def linkat(olddirfd: int, oldpath: str | bytes, newdirfd: int, newpath: str | bytes,
            flags: int = 0) -> None:
-    """linkat(2).  `os.link` calls link(2) and cannot pass AT_SYMLINK_FOLLOW,
-    which is what links an O_TMPFILE (or O_PATH) fd through /proc/self/fd/N."""
+    """linkat(2).  `os.link` without a directory fd calls link(2), which cannot
+    pass AT_SYMLINK_FOLLOW: what links an O_TMPFILE (or O_PATH) fd through
+    /proc/self/fd/N."""
     _check(_libc.linkat(olddirfd, _path(oldpath), newdirfd, _path(newpath), flags))
 
 
 def link_fd(fd: int, newdirfd: int, newname: str | bytes) -> None:
     """Give the inode behind `fd` a name (works for O_TMPFILE files unprivileged)."""
-    linkat(AT_FDCWD, f"/proc/self/fd/{fd}", newdirfd, newname, AT_SYMLINK_FOLLOW)
+    if newdirfd == AT_FDCWD:
+        linkat(AT_FDCWD, f"/proc/self/fd/{fd}", newdirfd, newname, AT_SYMLINK_FOLLOW)
+    else:
+        # With a dst_dir_fd, os.link makes this same linkat(AT_FDCWD, path,
+        # newdirfd, name, AT_SYMLINK_FOLLOW) call, without ctypes' overhead.
+        os.link(b"/proc/self/fd/%d" % fd, _path(newname), dst_dir_fd=newdirfd)
 
 
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,

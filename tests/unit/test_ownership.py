@@ -88,6 +88,21 @@ def test_helpers():
         rec.with_mode(stat.S_IFREG | 0o600)
 
 
+def test_derived_records_are_shared_and_still_checked():
+    rec = Record(5, 6, stat.S_IFREG | 0o644)
+    # unchanged: the record itself; the same change twice: one shared record
+    assert rec.with_owner() is rec and rec.with_owner(5, 6) is rec
+    assert rec.with_mode(0o644) is rec and rec.without_suid_sgid() is rec
+    other = Record(1, 1, stat.S_IFREG | 0o600)
+    assert rec.with_owner(7, 8) is other.with_owner(7, 8).with_mode(0o644)
+    assert rec.with_owner(7, 8) == Record(7, 8, stat.S_IFREG | 0o644)
+    for bad in (-1, 0xFFFFFFFF, 5.0, "5", 2 ** 40):
+        with pytest.raises(ValueError):
+            rec.with_owner(uid=bad)
+    with pytest.raises(ValueError):
+        rec.with_owner(gid=6.0)      # equal to the current gid, but not an id
+
+
 @given(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
 def test_makedev_round_trip(major, minor):
     dev = makedev(major, minor)

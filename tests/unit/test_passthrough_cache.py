@@ -1,0 +1,252 @@
+"""What the passthrough filesystem remembers per live node to save host syscalls
+(records, absent reserved xattrs, interned records), and what keeps it right:
+the daemon's own writes update it, host-side edits show once the node is
+forgotten (docs/ownership.md, Host representation)."""
+
+import collections
+import errno
+import os
+import stat
+
+import pytest
+
+from vfsd import ownership
+from vfsd import posix_acl as pa
+from vfsd.fsapi import NOW, Ctx, SetAttr
+from vfsd.passthrough import PassthroughFs
+
+CTX = Ctx(1234, 5678, 1)
+CAPS = b"security.capability"
+HOST_ACCESS = "user.o.system.posix_acl_access"
+Forget = collections.namedtuple("Forget", "nodeid nlookup")
+
+
+@pytest.fixture
+def share(tmp_path):
+    d = tmp_path / "share"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def fs(share):
+    f = PassthroughFs(str(share))
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of os.getxattr / os.removexattr calls made through the os module."""
+    counts = collections.Counter()
+    for fn in ("getxattr", "removexattr"):
+        real = getattr(os, fn)
+
+        def wrapper(*a, _real=real, _fn=fn, **kw):
+            counts[_fn] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(os, fn, wrapper)
+    return counts
+
+
+def acl(*entries):
+    return pa.encode([pa.AclEntry(*e) for e in entries])
+
+
+ACL = acl((pa.ACL_USER_OBJ, 6), (pa.ACL_USER, 6, 1234), (pa.ACL_GROUP_OBJ, 4),
+          (pa.ACL_MASK, 6), (pa.ACL_OTHER, 0))
+
+
+def enodata(fs, nodeid, name):
+    with pytest.raises(OSError) as e:
+        fs.getxattr(CTX, nodeid, name)
+    return e.value.errno == errno.ENODATA
+
+
+def host_file(share, name, rec=ownership.Record(1000, 1000, 0o100644)):
+    p = share / name
+    p.write_bytes(b"x")
+    os.setxattr(p, "user.o", ownership.encode(rec))
+    return p
+
+
+def test_new_objects_answer_acl_and_caps_reads_without_syscalls(fs, calls):
+    e, o = fs.create(CTX, 1, b"f", 0o644, 0o022, os.O_RDWR)
+    fs.release(CTX, e.nodeid, o.fh)
+    d = fs.mkdir(CTX, 1, b"d", 0o755, 0)
+    s = fs.symlink(CTX, 1, b"l", b"target")
+    n = fs.mknod(CTX, 1, b"p", stat.S_IFIFO | 0o644, 0, 0)
+    calls.clear()
+    for nodeid in (e.nodeid, d.nodeid, s.nodeid, n.nodeid):
+        for name in (pa.ACCESS, pa.DEFAULT, CAPS):
+            assert enodata(fs, nodeid, name)
+    assert calls["getxattr"] == 0
+
+
+def test_absence_is_learned_once_per_live_node(fs, share, calls):
+    p = host_file(share, "h")
+    e = fs.lookup(CTX, 1, b"h")
+    calls.clear()
+    assert enodata(fs, e.nodeid, pa.ACCESS) and calls["getxattr"] == 1
+    assert enodata(fs, e.nodeid, pa.ACCESS) and calls["getxattr"] == 1
+    # A host-side edit of the daemon's reserved tree, like one of the record,
+    # shows once the guest has forgotten the node.
+    os.setxattr(p, HOST_ACCESS, ACL)
+    assert enodata(fs, e.nodeid, pa.ACCESS)
+    fs.forget(e.nodeid, 1)
+    e = fs.lookup(CTX, 1, b"h")
+    assert fs.getxattr(CTX, e.nodeid, pa.ACCESS) == ACL
+
+
+def test_plain_user_xattrs_are_never_remembered_absent(fs, share):
+    p = host_file(share, "h")
+    e = fs.lookup(CTX, 1, b"h")
+    assert enodata(fs, e.nodeid, b"user.comment")
+    os.setxattr(p, "user.comment", b"set on the host")
+    assert fs.getxattr(CTX, e.nodeid, b"user.comment") == b"set on the host"
+
+
+def test_daemon_writes_keep_the_absence_right(fs, share):
+    e, o = fs.create(CTX, 1, b"f", 0o644, 0o022, os.O_RDWR)
+    for name, value in ((CAPS, b"\1\0\0\2caps"), (b"trusted.overlay.opaque", b"y")):
+        assert enodata(fs, e.nodeid, name)
+        fs.setxattr(CTX, e.nodeid, name, value, 0)
+        assert fs.getxattr(CTX, e.nodeid, name) == value
+        fs.removexattr(CTX, e.nodeid, name)
+        assert enodata(fs, e.nodeid, name)
+        fs.setxattr(CTX, e.nodeid, name, value, 0)
+        assert fs.getxattr(CTX, e.nodeid, name) == value
+    # the access ACL: set (not equivalent to a mode), then chmod rewrites it
+    fs.setxattr(CTX, e.nodeid, pa.ACCESS, ACL, 0)
+    assert fs.getxattr(CTX, e.nodeid, pa.ACCESS) == ACL
+    assert fs.setattr(CTX, e.nodeid, SetAttr(mode=0o640)).mode & 0o777 == 0o640
+    got = {x.tag: x.perm for x in pa.parse(fs.getxattr(CTX, e.nodeid, pa.ACCESS))}
+    assert got[pa.ACL_MASK] == 4
+    # a write that must drop capabilities removes them
+    fs.write(CTX, e.nodeid, o.fh, 0, [b"data"], kill_caps=True)
+    assert CAPS.decode() not in " ".join(os.listxattr(share / "f"))
+    assert enodata(fs, e.nodeid, CAPS)
+
+
+def test_kill_caps_costs_one_removexattr_until_caps_are_set_again(fs, calls):
+    e, o = fs.create(CTX, 1, b"f", 0o644, 0o022, os.O_RDWR)
+    fs.setxattr(CTX, e.nodeid, CAPS, b"caps", 0)
+    calls.clear()
+    for _ in range(3):
+        fs.write(CTX, e.nodeid, o.fh, 0, [b"x"], kill_caps=True)
+    assert calls["removexattr"] == 1 and enodata(fs, e.nodeid, CAPS)
+    fs.setxattr(CTX, e.nodeid, CAPS, b"caps", 0)
+    fs.setattr(CTX, e.nodeid, SetAttr(uid=1, kill_suidgid=True))
+    assert calls["removexattr"] == 2 and enodata(fs, e.nodeid, CAPS)
+
+
+def test_a_read_overtaken_by_a_write_is_not_remembered(fs):
+    e, _ = fs.create(CTX, 1, b"f", 0o644, 0o022, os.O_RDWR)
+    ino = fs._inode(e.nodeid)
+    name = fs._host_xattr(b"trusted.x")
+    gen = fs._xgen                       # a read of trusted.x starts, finds nothing...
+    fs.setxattr(CTX, e.nodeid, b"trusted.x", b"1", 0)   # ...a write completes meanwhile
+    fs._xabsent_add(ino, name, gen)      # the read must not record its stale answer
+    assert fs.getxattr(CTX, e.nodeid, b"trusted.x") == b"1"
+    gen = fs._xgen
+    fs._xabsent_add(ino, fs._host_xattr(b"trusted.y"), gen)
+    assert fs._host_xattr(b"trusted.y") in ino.xabsent
+
+
+def test_default_acl_of_the_parent_follows_its_changes(fs, calls):
+    d = fs.mkdir(CTX, 1, b"d", 0o755, 0)
+    calls.clear()
+    fs.mknod(CTX, d.nodeid, b"plain", stat.S_IFREG | 0o666, 0, 0o022)
+    assert calls["getxattr"] == 0        # the new directory has no default ACL
+    fs.setxattr(CTX, d.nodeid, pa.DEFAULT, ACL, 0)
+    f = fs.mknod(CTX, d.nodeid, b"inherits", stat.S_IFREG | 0o666, 0, 0o077)
+    assert f.attr.mode & 0o777 == 0o660  # from the default ACL, umask ignored
+    assert pa.parse(fs.getxattr(CTX, f.nodeid, pa.ACCESS))
+    sub = fs.mkdir(CTX, d.nodeid, b"sub", 0o777, 0)
+    assert fs.getxattr(CTX, sub.nodeid, pa.DEFAULT) == ACL
+    assert enodata(fs, fs.lookup(CTX, d.nodeid, b"plain").nodeid, pa.ACCESS)
+
+
+def test_guest_change_of_a_host_symlink_starts_with_no_reserved_xattrs(fs, share):
+    os.symlink("target", share / "ln")
+    e = fs.lookup(CTX, 1, b"ln")
+    fs.setxattr(CTX, e.nodeid, b"trusted.t", b"v", 0)   # materializes it
+    assert fs.getxattr(CTX, e.nodeid, b"trusted.t") == b"v"
+    assert enodata(fs, e.nodeid, CAPS) and enodata(fs, e.nodeid, pa.ACCESS)
+    assert fs.readlink(CTX, e.nodeid) == b"target"
+
+
+def test_nodes_with_the_same_record_share_one_record_object(fs, share):
+    rec = ownership.Record(1000, 1000, 0o100644)
+    host_file(share, "a", rec)
+    host_file(share, "b", rec)
+    (share / "bad").write_bytes(b"x")
+    os.setxattr(share / "bad", "user.o", b"\1\0\0\0garbage")
+    a, b = (fs.lookup(CTX, 1, n) for n in (b"a", b"b"))
+    assert (a.attr.uid, a.attr.gid, a.attr.mode) == (1000, 1000, 0o100644)
+    assert fs._inode(a.nodeid).record is fs._inode(b.nodeid).record
+    bad = fs.lookup(CTX, 1, b"bad")
+    assert bad.attr.uid == os.getuid()   # an invalid record still shows the default owner
+
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_batch_forget_closes_what_is_forgotten_and_nothing_else(fs, share):
+    for n in "abc":
+        host_file(share, n)
+    before = fds()
+    ids = [fs.lookup(CTX, 1, n).nodeid for n in (b"a", b"b", b"c")]
+    fs.lookup(CTX, 1, b"a")              # a: two lookups
+    assert fds() == before + 3
+    fs.batch_forget([Forget(ids[0], 1), Forget(ids[1], 1), Forget(999, 1), Forget(1, 5)])
+    assert fds() == before + 2           # a still live, b closed, unknown and root ignored
+    assert fs.getattr(CTX, ids[0], None).size == 1
+    with pytest.raises(OSError):
+        fs.getattr(CTX, ids[1], None)
+    fs.batch_forget([Forget(ids[0], 1), Forget(ids[2], 1)])
+    assert fds() == before
+    assert fs.getattr(CTX, 1, None)      # the root stays
+
+
+@pytest.mark.parametrize("atime, mtime", [
+    (1_500_000_000_123_456_789, 1_600_000_000_987_654_321),
+    (-1_500_000_000, 5),                 # before 1970
+    (NOW, None), (None, 7_000_000_000)])
+def test_setattr_times(fs, share, atime, mtime):
+    p = host_file(share, "t")
+    e = fs.lookup(CTX, 1, b"t")
+    old = os.stat(p)
+    a = fs.setattr(CTX, e.nodeid, SetAttr(atime_ns=atime, mtime_ns=mtime))
+    st = os.stat(p)
+    for want, got, was in ((atime, st.st_atime_ns, old.st_atime_ns),
+                           (mtime, st.st_mtime_ns, old.st_mtime_ns)):
+        if want is None:
+            assert got == was
+        elif want != NOW:
+            assert got == want
+    assert (a.atime_ns, a.mtime_ns) == (st.st_atime_ns, st.st_mtime_ns)
+    assert (a.uid, a.mode) == (1000, 0o100644)
+
+
+def test_open_create_and_lookup_replies(fs, share):
+    e, o = fs.create(CTX, 1, b"new", 0o640, 0, os.O_WRONLY)
+    st = os.stat(share / "new")
+    assert (e.attr.ino, e.attr.nlink, e.attr.size) == (st.st_ino, 1, 0)
+    assert (e.attr.uid, e.attr.gid, e.attr.mode) == (1234, 5678, stat.S_IFREG | 0o640)
+    assert fs.write(CTX, e.nodeid, o.fh, 0, [b"abc"]) == 3
+    with pytest.raises(OSError) as err:
+        fs.read(CTX, e.nodeid, o.fh, 0, [bytearray(3)])   # opened write-only
+    assert err.value.errno == errno.EBADF
+    fs.release(CTX, e.nodeid, o.fh)
+    d = fs.mkdir(CTX, 1, b"dir", 0o755, 0)
+    with pytest.raises(IsADirectoryError):
+        fs.open(CTX, d.nodeid, os.O_RDONLY)
+    s = fs.symlink(CTX, 1, b"sym", b"x")
+    with pytest.raises(OSError) as err:
+        fs.open(CTX, s.nodeid, os.O_RDONLY)
+    assert err.value.errno == errno.ELOOP
+    o2 = fs.open(CTX, e.nodeid, os.O_RDONLY)
+    buf = bytearray(3)
+    assert fs.read(CTX, e.nodeid, o2.fh, 0, [buf]) == 3 and buf == b"abc"

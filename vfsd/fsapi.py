@@ -78,6 +78,10 @@ class Opened:
 
     fh: int
     open_flags: int = 0
+    # The handle's FLUSH does nothing, so the guest need not send one on each
+    # close(2) (FOPEN_NOFLUSH, FUSE 7.35; the kernel still flushes with the
+    # writeback cache on, to push its dirty pages).
+    noflush: bool = False
 
 
 # Marker for "set this time to the current time" in SetAttr.

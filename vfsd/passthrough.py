@@ -872,7 +872,7 @@ class PassthroughFs:
         if self.readonly and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise OSError(errno.EROFS, "read-only share")
         fd = os.open(ino.path, self._host_open_flags(flags))
-        return Opened(self._new_handle(fd, nodeid))
+        return Opened(self._new_handle(fd, nodeid), noflush=True)
 
     def create(self, ctx: Ctx, parent_id: int, name: bytes, mode: int, umask: int,
                flags: int) -> tuple[Entry, Opened]:
@@ -906,7 +906,7 @@ class PassthroughFs:
         finally:
             os.close(fd)
         # st (taken after the link) is still the file's: opening changes nothing
-        return self._entry(ino, st), Opened(self._new_handle(hfd, ino.nodeid))
+        return self._entry(ino, st), Opened(self._new_handle(hfd, ino.nodeid), noflush=True)
 
     def read(self, ctx: Ctx, nodeid: int, fh: int, offset: int, views: list) -> int:
         if not views:
@@ -955,7 +955,9 @@ class PassthroughFs:
 
     def flush(self, ctx: Ctx, nodeid: int, fh: int) -> None:
         # POSIX locks are kept by the guest kernel (POSIX_LOCKS is not
-        # negotiated), so there is nothing host-side to drop on close.
+        # negotiated), so there is nothing host-side to drop on close; opens
+        # say so (Opened.noflush), and the guest only sends FLUSH when its
+        # writeback cache needs one.
         self._handle(fh)
 
     def fsync(self, ctx: Ctx, nodeid: int, fh: int, datasync: bool) -> None:

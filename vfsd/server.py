@@ -297,8 +297,10 @@ class FuseServer:
 
     def _open_out(self, o, is_dir: bool) -> bytes:
         """fuse_open_out: the filesystem's FOPEN_* flags plus the cache policy's."""
-        return fuse.fuse_open_out.flat_pack(
-            o.fh, o.open_flags | (self._dir_open_flags if is_dir else self._file_open_flags), 0)
+        flags = o.open_flags | (self._dir_open_flags if is_dir else self._file_open_flags)
+        if o.noflush:
+            flags |= fuse.OpenFlag.NOFLUSH
+        return fuse.fuse_open_out.flat_pack(o.fh, int(flags), 0)
 
     def _open_flags(self, is_dir: bool) -> int:
         flags = 0

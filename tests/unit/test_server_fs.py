@@ -387,3 +387,21 @@ def test_security_ctx_extension_labels_new_files(tmp_path):
     n = s.server.handle(Reader([memoryview(hdr + payload)]), Writer([memoryview(buf)]))
     assert fuse.fuse_out_header.unpack(bytes(buf[:16])).error == 0, bytes(buf[:16])
     assert os.getxattr(tmp_path / "share" / "lbl", "user.o.security.selinux") == label
+
+
+def test_file_opens_say_noflush_and_directory_opens_do_not(s):
+    """FLUSH does nothing here, so every file open and create tells the guest not to
+    send one on each close(2) (FOPEN_NOFLUSH); directories have no FLUSH at all."""
+    body = s.ok(fuse.Opcode.CREATE, 1, fuse.fuse_create_in.pack(
+        flags=os.O_RDWR, mode=stat.S_IFREG | 0o644), extra=[b"nf\0"])
+    created = fuse.fuse_open_out.unpack(body[128:144])
+    assert created.open_flags & fuse.OpenFlag.NOFLUSH
+    node = s.entry(body).nodeid
+    opened = fuse.fuse_open_out.unpack(s.ok(fuse.Opcode.OPEN, node,
+                                            fuse.fuse_open_in.pack(flags=os.O_RDONLY)))
+    assert opened.open_flags & fuse.OpenFlag.NOFLUSH
+    d = fuse.fuse_open_out.unpack(s.ok(fuse.Opcode.OPENDIR, 1,
+                                       fuse.fuse_open_in.pack(flags=os.O_RDONLY)))
+    assert not d.open_flags & fuse.OpenFlag.NOFLUSH
+    # a guest that sends FLUSH anyway (writeback cache) still gets an answer
+    s.ok(fuse.Opcode.FLUSH, node, fuse.fuse_flush_in.pack(fh=opened.fh))

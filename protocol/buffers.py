@@ -42,13 +42,16 @@ class Reader:
 
     __slots__ = ("_views", "_index", "_offset", "remaining")
 
-    def __init__(self, views: Sequence[memoryview], limit: int | None = None):
+    def __init__(self, views: Sequence[memoryview], limit: int | None = None,
+                 total: int | None = None):
         # Views are byte views (memoryview of guest memory or of bytes): len()
-        # counts bytes.
+        # counts bytes.  `total`, if given, is their summed length (a
+        # descriptor chain knows it already).
         self._views = views
         self._index = 0
         self._offset = 0
-        total = sum(map(len, views))
+        if total is None:
+            total = sum(map(len, views))
         self.remaining = total if limit is None else min(total, limit)
 
     @classmethod
@@ -57,7 +60,8 @@ class Reader:
 
     def limit(self, n: int) -> None:
         """Never hand out more than `n` further bytes (the request's own length)."""
-        self.remaining = min(self.remaining, max(n, 0))
+        if n < self.remaining:  # (min(remaining, max(n, 0)) without two calls)
+            self.remaining = n if n > 0 else 0
 
     def take_tail(self, n: int) -> bytes:
         """Copy the last `n` of the remaining bytes and stop short of them (for
@@ -81,13 +85,23 @@ class Reader:
 
     def read(self, n: int) -> bytes:
         """The next `n` bytes, copied (for headers and names)."""
-        # Fast path: the bytes sit in the current buffer (the usual case).
-        if n <= self.remaining and self._index < len(self._views):
-            v, off = self._views[self._index], self._offset
-            if off + n < len(v):
-                self._offset = off + n
+        # Fast path: the bytes sit in the current buffer (the usual case; Linux
+        # gives the header and each argument a buffer of its own, so they often
+        # fill it exactly).
+        views = self._views
+        index = self._index
+        if n <= self.remaining and index < len(views):
+            v, off = views[index], self._offset
+            end = off + n
+            size = len(v)
+            if end < size:
+                self._offset = end
                 self.remaining -= n
-                return bytes(v[off:off + n])
+                return bytes(v[off:end])
+            if end == size:  # the rest of this buffer: the next read starts on the next
+                self._index, self._offset = index + 1, 0
+                self.remaining -= n
+                return bytes(v[off:] if off else v)
         parts = self.views(n)
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
@@ -100,11 +114,12 @@ class Writer:
 
     __slots__ = ("_views", "_index", "_offset", "capacity", "written")
 
-    def __init__(self, views: Sequence[memoryview]):
+    def __init__(self, views: Sequence[memoryview], capacity: int | None = None):
         self._views = views  # byte views, as for Reader
         self._index = 0
         self._offset = 0
-        self.capacity = sum(map(len, views))
+        # `capacity`, if given, is the views' summed length (as Reader's `total`)
+        self.capacity = sum(map(len, views)) if capacity is None else capacity
         self.written = 0
 
     @property
@@ -113,21 +128,34 @@ class Writer:
 
     def views(self, n: int) -> list[memoryview]:
         """Reserve the next `n` bytes and return them as views to fill in place."""
-        if n > self.room:
+        if n > self.capacity - self.written:
             raise BufferError_(f"reply of {n} bytes does not fit in {self.room}")
-        if self._index < len(self._views):
-            v, off = self._views[self._index], self._offset
-            if off + n < len(v):  # fast path: inside the current buffer
-                self._offset = off + n
+        views = self._views
+        index = self._index
+        if index < len(views):  # fast path: inside the current buffer
+            v, off = views[index], self._offset
+            end = off + n
+            size = len(v)
+            if end < size:
+                self._offset = end
                 self.written += n
-                return [v[off:off + n]]
-        out, self._index, self._offset = _take(self._views, self._index, self._offset, n)
+                return [v[off:end]]
+            if end == size:  # the rest of this buffer (Linux gives the reply
+                # header and each reply argument a buffer of their own)
+                self._index, self._offset = index + 1, 0
+                self.written += n
+                return [v[off:] if off else v]
+        out, self._index, self._offset = _take(views, index, self._offset, n)
         self.written += n
         return out
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        views = self.views(len(data))
+        if len(views) == 1:
+            views[0][:] = data
+            return
         pos = 0
-        for v in self.views(len(data)):
+        for v in views:
             k = len(v)
             v[:] = data[pos:pos + k]
             pos += k

@@ -101,7 +101,7 @@ def _map_fd(region: MemoryRegion, fd: int) -> _Mapped:
 class GuestMemory:
     """An immutable set of non-overlapping guest memory regions."""
 
-    __slots__ = ("_maps", "_starts", "_spans")
+    __slots__ = ("_maps", "_starts", "_spans", "main_span")
 
     def __init__(self, mapped: Iterable[_Mapped] = ()):
         maps = sorted(mapped, key=lambda m: m.gpa)
@@ -111,8 +111,17 @@ class GuestMemory:
                                        f"{b.region.describe()}")
         self._maps: tuple[_Mapped, ...] = tuple(maps)
         self._starts = [m.gpa for m in maps]
-        # (first gpa, end gpa, view) per region, for the per-descriptor fast path
-        self._spans = tuple((m.gpa, m.gpa + m.size, m.buf) for m in maps)
+        # (first gpa, end gpa, writable view, read-only view) per region, for the
+        # per-descriptor fast path.  The read-only view is made once here, so
+        # device-readable buffers are slices of it (a slice of a read-only view
+        # is read-only) instead of a toreadonly() per buffer.
+        self._spans = tuple((m.gpa, m.gpa + m.size, m.buf, m.buf.toreadonly()) for m in maps)
+        #: The largest region's span, or an empty one (a range no buffer is inside)
+        #: without memory.  The virtqueue inlines the "buffer inside this region"
+        #: case, which is every buffer when the guest has one region (QEMU sends
+        #: one for a memfd-backed guest) and nearly every one otherwise.
+        self.main_span: tuple[int, int, memoryview | None, memoryview | None] = max(
+            self._spans, key=lambda s: s[1] - s[0], default=(1, 0, None, None))
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -188,18 +197,19 @@ class GuestMemory:
             return i
         return -1
 
-    def views(self, gpa: int, length: int) -> list[memoryview]:
-        """Writable views of [gpa, gpa+length), split where regions meet.
+    def views(self, gpa: int, length: int, readonly: bool = False) -> list[memoryview]:
+        """Writable (or, with `readonly`, read-only) views of [gpa, gpa+length),
+        split where regions meet.
 
         Raises GuestMemoryError unless every byte is guest memory.  A zero
         length gives no views (and touches nothing).
         """
         # Fast path: the buffer lies inside one region (a guest has one or two).
         if length > 0 and gpa >= 0:
-            for start, stop, buf in self._spans:
+            for start, stop, buf, robuf in self._spans:
                 if start <= gpa and gpa + length <= stop:
                     off = gpa - start
-                    return [buf[off:off + length]]
+                    return [(robuf if readonly else buf)[off:off + length]]
         if length < 0 or gpa < 0:
             raise GuestMemoryError(f"bad guest memory range: gpa 0x{gpa:x} len {length}")
         if length == 0:
@@ -219,7 +229,7 @@ class GuestMemory:
             m = self._maps[i]
             off = cur - m.gpa
             take = min(end - cur, m.size - off)
-            out.append(m.buf[off:off + take])
+            out.append((self._spans[i][3] if readonly else m.buf)[off:off + take])
             cur += take
             if cur >= end:
                 return out

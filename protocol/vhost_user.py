@@ -17,7 +17,8 @@ Threads: `serve_connection` runs the control plane in the caller's thread.
 Each started ring has one worker thread that waits on the kick eventfd,
 pops chains and hands them to the device; the device may complete them later
 from any thread with `Vring.complete`.  Used-ring updates and notifications
-are serialised per ring by the ring's lock.
+are serialised per ring by the ring's lock (or, for a device that answers
+every chain inline, by being done by the worker alone).
 
 Byte order: the spec says "All numbers are in the machine native byte
 order"; `WireStruct` is little-endian, so this module refuses big-endian
@@ -241,6 +242,12 @@ class VhostUserDevice(abc.ABC):
     num_queues: int
     #: Extra virtio feature bits (device-specific) offered by GET_FEATURES.
     device_features: int = 0
+    #: Whether `handle_chain` may return None and complete the chain later
+    #: (`Vring.complete`).  A device that always answers inline sets this to
+    #: False: its rings then skip the in-flight bookkeeping and the ring lock
+    #: per chain (only the worker touches the used ring).  Read at the start
+    #: of each batch of chains; change it only while the device is not running.
+    completes_async: bool = True
 
     @abc.abstractmethod
     def handle_chain(self, vring: "Vring", chain: DescriptorChain) -> int | None:
@@ -248,8 +255,8 @@ class VhostUserDevice(abc.ABC):
 
         Return the number of bytes written into `chain.writable` (the library
         puts it on the used ring and notifies), or None to complete it later,
-        from any thread, with `vring.complete(chain, written)`.  Called from
-        the ring's worker thread.
+        from any thread, with `vring.complete(chain, written)` (only if
+        `completes_async`).  Called from the ring's worker thread.
         """
 
     def reset(self) -> None:
@@ -321,7 +328,8 @@ class Vring:
         self.broken: str | None = None
         # Runtime.
         self._vq: Virtqueue | None = None
-        self._lock = threading.Lock()              # used ring, call/err fds, in-flight
+        self._lock = threading.Lock()              # used ring*, call/err fds, in-flight
+        # (*the worker of an inline device pushes without it: see _drain)
         self._idle = threading.Condition(self._lock)
         self._inflight: dict[int, DescriptorChain] = {}
         self._worker: threading.Thread | None = None
@@ -345,7 +353,11 @@ class Vring:
 
     # -- completion (any thread) ------------------------------------------------
     def complete(self, chain: DescriptorChain, written: int) -> None:
-        """Put `chain` on the used ring with `written` bytes and notify the driver."""
+        """Put `chain` on the used ring with `written` bytes and notify the driver.
+
+        For chains the device took asynchronously (`handle_chain` returned None,
+        `completes_async`); any other chain is not in flight, and is refused.
+        """
         with self._lock:
             if self._inflight.pop(id(chain), None) is not chain:
                 log.warning("queue %d: completion of descriptor chain %d that is not in "
@@ -356,15 +368,8 @@ class Vring:
                 vq = self._vq
                 if vq is None or self.broken:
                     return
-                if not isinstance(written, int) or written < 0:
-                    log.error("queue %d: device reported %r bytes written for chain %d; "
-                              "using 0", self.index, written, chain.head)
-                    written = 0
-                elif written > chain.writable_len:
-                    log.error("queue %d: device reported %d bytes written for chain %d, "
-                              "which has only %d writable bytes; clamping", self.index,
-                              written, chain.head, chain.writable_len)
-                    written = chain.writable_len
+                if written.__class__ is not int or not 0 <= written <= chain.writable_len:
+                    written = self._checked_written(chain, written)
                 try:
                     vq.push(chain.head, written)
                 except VirtqueueError as e:
@@ -422,32 +427,89 @@ class Vring:
             poller.register(kick, select.POLLIN)
         # Without a kick fd (NOFD flag), the spec says to poll the ring.
         timeout = None if kick is not None else 10
+        poll, read, drain = poller.poll, os.read, self._drain  # bound once, used per wake-up
+        pollin, failed = select.POLLIN, select.POLLERR | select.POLLNVAL | select.POLLHUP
         try:
-            self._drain()  # buffers may have been queued before we started
+            drain()  # buffers may have been queued before we started
             while not self._stopping:
-                for fd, ev in poller.poll(timeout):
-                    if ev & select.POLLIN:
+                for fd, ev in poll(timeout):
+                    if ev & pollin:
                         try:
-                            os.read(fd, 8)
+                            read(fd, 8)  # reset the eventfd counter
                         except (BlockingIOError, InterruptedError):
                             pass
-                    elif ev & (select.POLLERR | select.POLLNVAL | select.POLLHUP):
+                    elif ev & failed:
                         if fd == kick:
                             log.error("queue %d: kick fd failed (poll events 0x%x); "
                                       "stopping the ring", self.index, ev)
                             return
                 if not self._stopping:
-                    self._drain()
+                    drain()
         except Exception:  # never let a worker die silently
             log.exception("queue %d: worker failed", self.index)
             self._mark_broken("internal error in the ring worker")
 
     def _drain(self) -> None:
-        """Pop and dispatch every available chain; notify once afterwards."""
+        """Pop and dispatch every available chain; notify once afterwards.
+
+        Done here for a device that answers every chain inline (`completes_async`
+        False), the per-request path of vfsd without a thread pool: this thread
+        is then the only one that touches the used ring, so chains are pushed
+        without the ring lock and without in-flight bookkeeping (`_stop` joins
+        this thread before it takes the ring away).  The lock is taken once per
+        batch, to signal the call eventfd (the control thread may swap that fd).
+        Other devices go through `_drain_async`.
+        """
         vq = self._vq
         if vq is None or not self.enabled or self.broken:
             return
         device = self._backend.device
+        # (In-flight chains left from an asynchronous phase are completed under
+        # the lock: keep to the locked path until they are all back.)
+        if getattr(device, "completes_async", True) or self._inflight:
+            self._drain_async(vq, device)
+            return
+        handle, pop, push = device.handle_chain, vq.pop, vq.push
+        pushed = False
+        try:
+            while self.enabled and not self._stopping and not self.broken:
+                try:
+                    chain = pop()
+                except VirtqueueError as e:
+                    self._mark_broken(str(e))
+                    return
+                if chain is None:
+                    return
+                try:
+                    written = handle(self, chain)
+                except Exception:
+                    # A device bug: answer the request empty and keep serving.
+                    log.exception("queue %d: device failed on descriptor chain %d",
+                                  self.index, chain.head)
+                    written = 0
+                if written.__class__ is not int or not 0 <= written <= chain.writable_len:
+                    written = self._checked_written(chain, written, inline=True)
+                try:
+                    push(chain.head, written)
+                except VirtqueueError as e:
+                    self._mark_broken(str(e))
+                    return
+                pushed = True
+        finally:
+            if pushed:
+                # 2.7.7 "Used Buffer Notification", once for the batch: the driver
+                # sees every element pushed so far (see Virtqueue.needs_notify).
+                with self._lock:
+                    self._signal_locked(self.call_fd, "call")
+
+    def _drain_async(self, vq: Virtqueue, device: VhostUserDevice) -> None:
+        """`_drain` for a device that may complete chains later, from any thread.
+
+        Each chain is registered in flight (under the ring lock) before the
+        device sees it, so `_stop` can wait for it and `complete` can refuse
+        strangers; completions during the batch defer their notification to
+        the end of the batch.
+        """
         with self._lock:
             self._batching = True
         try:
@@ -476,6 +538,31 @@ class Vring:
                 if self._notify_pending:
                     self._notify_pending = False
                     self._signal_locked(self.call_fd, "call")
+
+    def _checked_written(self, chain: DescriptorChain, written, inline: bool = False) -> int:
+        """`written` made a valid used length for `chain` (0..writable_len), logged if not.
+
+        2.7.8: the used length is "the total length of the descriptor chain
+        which was written to", so it cannot exceed the writable buffers.
+        """
+        if written is None and inline:
+            # The device said it answers inline (completes_async False), so
+            # nothing would ever complete this chain: answer it empty now.  A
+            # later vring.complete() of it is refused as not in flight.
+            log.error("queue %d: device returned no length for chain %d although it "
+                      "does not complete chains asynchronously; answering it empty",
+                      self.index, chain.head)
+            return 0
+        if not isinstance(written, int) or written < 0:
+            log.error("queue %d: device reported %r bytes written for chain %d; "
+                      "using 0", self.index, written, chain.head)
+            return 0
+        if written > chain.writable_len:
+            log.error("queue %d: device reported %d bytes written for chain %d, "
+                      "which has only %d writable bytes; clamping", self.index,
+                      written, chain.head, chain.writable_len)
+            return chain.writable_len
+        return written
 
     # -- life cycle (control thread) ----------------------------------------------
     def _try_start(self, mem: GuestMemory | None) -> None:

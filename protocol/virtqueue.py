@@ -32,7 +32,7 @@ import ctypes
 import logging
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .memory import GuestMemory, GuestMemoryError
 from .wire import WireStruct
@@ -66,6 +66,7 @@ MAX_CHAIN_BYTES = 1 << 32
 
 _AVAIL_HDR = 4   # flags, idx
 _USED_HDR = 4    # flags, idx
+_unpack_desc = VIRTQ_DESC._struct.unpack_from  # (table, offset) -> (addr, len, flags, next)
 
 
 def _make_fence():
@@ -92,18 +93,25 @@ class VirtqueueError(Exception):
     """The driver broke the virtqueue rules; the queue cannot be used any more."""
 
 
+def _where(head: int, in_table: bool) -> str:
+    """Where a descriptor is, for error messages: "" for the ring's own table."""
+    return f" in the indirect table of head {head}" if in_table else ""
+
+
 @dataclass(slots=True, eq=False)
 class DescriptorChain:
     """One request: a descriptor chain popped from the available ring.
 
     `readable` are the device-readable buffers in order (read-only views),
     `writable` the device-writable ones in order (writable views).  Views are
-    slices of guest memory, valid until the chain is completed.
+    slices of guest memory, valid until the chain is completed.  (The lists
+    have no default: one is built per request, and a default factory makes
+    every construction dearer.)
     """
 
     head: int
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
+    readable: list[memoryview]
+    writable: list[memoryview]
     readable_len: int = 0
     writable_len: int = 0
 
@@ -117,7 +125,7 @@ class Virtqueue:
 
     __slots__ = ("mem", "size", "desc_gpa", "avail_gpa", "used_gpa", "_mask", "_desc",
                  "_avail16", "_used16", "_used_ring", "_last_avail", "_shadow_avail",
-                 "_used_idx", "_indirect_max")
+                 "_used_idx", "_indirect_max", "_indirect_bytes", "_main_span")
 
     def __init__(self, mem: GuestMemory, size: int, desc_gpa: int, avail_gpa: int,
                  used_gpa: int, last_avail_idx: int = 0):
@@ -151,6 +159,8 @@ class Virtqueue:
         # the guest's used ring holds (the ring may be re-started mid-life).
         self._used_idx = self._used16[1]
         self._indirect_max = max(MAX_INDIRECT_DESCRIPTORS, size)
+        self._indirect_bytes = VIRTQ_DESC.size * self._indirect_max
+        self._main_span = mem.main_span  # (first gpa, end gpa, view, read-only view)
 
     # -- state ----------------------------------------------------------------
     @property
@@ -168,115 +178,188 @@ class Virtqueue:
 
     # -- consuming --------------------------------------------------------------
     def pop(self) -> DescriptorChain | None:
-        """The next available chain, or None if the driver has offered nothing new."""
-        if self._last_avail == self._shadow_avail:
+        """The next available chain, or None if the driver has offered nothing new.
+
+        This runs once per request, so the chain walk is inlined here and the
+        common cases (direct descriptors, or one indirect table, with buffers
+        inside the main memory region) cost no further call; the rest (other
+        regions, errors) is left to helpers.  Every rule is still checked.
+        """
+        last = self._last_avail
+        if last == self._shadow_avail:
             idx = self._avail16[1]
             if _fence is not None:
                 _fence()  # read the entries only after the idx that covers them
             # 2.7.6: avail idx only moves forward, by at most the ring size
             # (the driver cannot have more chains out than descriptors).
-            pending = (idx - self._last_avail) & 0xFFFF
+            pending = (idx - last) & 0xFFFF
             if pending > self.size:
                 raise VirtqueueError(
-                    f"available index jumped from {self._last_avail} to {idx}: "
+                    f"available index jumped from {last} to {idx}: "
                     f"{pending} new entries in a queue of size {self.size}")
             self._shadow_avail = idx
             if pending == 0:
                 return None
-        head = self._avail16[2 + (self._last_avail & self._mask)]
-        if head >= self.size:
-            raise VirtqueueError(f"available ring entry {self._last_avail} names descriptor "
-                                 f"{head}, beyond the queue size {self.size}")
-        chain = self._walk(head)
-        self._last_avail = (self._last_avail + 1) & 0xFFFF
-        return chain
+        head = self._avail16[2 + (last & self._mask)]
+        table_len = self.size
+        if head >= table_len:
+            raise VirtqueueError(f"available ring entry {last} names descriptor "
+                                 f"{head}, beyond the queue size {table_len}")
 
-    def _walk(self, head: int) -> DescriptorChain:
-        mem = self.mem
-        chain = DescriptorChain(head)
-        readable, writable = chain.readable, chain.writable
+        # Walk the chain (2.7.5 "The Virtqueue Descriptor Table").
+        lo, hi, rw, ro = self._main_span  # buffers inside [lo, hi) are sliced inline
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
         rlen = wlen = 0
         table = self._desc
-        table_len = self.size
-        where = ""              # "" for the ring's table, " in the indirect table of ..."
-        i = head
-        visited: set[int] = set()
+        first = i = head        # first descriptor of the table being walked, current one
+        in_table = False        # walking an indirect table (not the ring's own)
+        n = 0                   # descriptors walked in the current table
         seen_writable = False
-        unpack = VIRTQ_DESC._struct.unpack_from
+        unpack = _unpack_desc
         while True:
-            # 2.7.5.2: a chain must be shorter than 2^32 bytes, "this implies that
-            # loops in the descriptor chain are forbidden"; and 2.7.5.3.1: no chain
-            # longer than the queue size.  Remembering the descriptors visited in
-            # the current table catches both (a chain can only reach table_len
-            # distinct ones) and names the loop.
-            if i in visited:
-                raise VirtqueueError(f"descriptor chain at head {head}{where} loops back to "
-                                     f"descriptor {i} after {len(visited)} descriptors")
-            visited.add(i)
-            addr, length, flags, nxt = unpack(table, 16 * i)
+            addr, length, flags, nxt = unpack(table, i << 4)
+            n += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if where:
-                    # 2.7.5.3.1: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within
-                    # an indirect descriptor (ie. only one table per descriptor)"
-                    raise VirtqueueError(f"descriptor {i}{where} is a nested indirect table")
-                if flags & VIRTQ_DESC_F_NEXT:
-                    # 2.7.5.3.1: "MUST NOT set both VIRTQ_DESC_F_INDIRECT and
-                    # VIRTQ_DESC_F_NEXT"
-                    raise VirtqueueError(f"descriptor {i} (chain head {head}) has both INDIRECT "
-                                         f"and NEXT set")
-                # struct indirect_descriptor_table { struct virtq_desc desc[len / 16]; }
-                if length == 0 or length % VIRTQ_DESC.size:
-                    raise VirtqueueError(f"descriptor {i} (chain head {head}): indirect table "
-                                         f"length {length} is not a non-zero multiple of 16")
-                n = length // VIRTQ_DESC.size
-                if n > self._indirect_max:
-                    raise VirtqueueError(f"descriptor {i} (chain head {head}): indirect table of "
-                                         f"{n} entries is longer than {self._indirect_max}")
-                try:
-                    table = mem.view(addr, length)
-                except GuestMemoryError as e:
-                    raise VirtqueueError(f"descriptor {i} (chain head {head}): indirect table "
-                                         f"at gpa 0x{addr:x} len {length}: {e}") from None
+                # Linux's virtio_ring puts every request of more than one
+                # buffer in an indirect table (INDIRECT_DESC is offered), so
+                # this is the usual case.  Inline: a table that breaks no rule
+                # (a non-zero multiple of 16-byte entries, not too many, not
+                # nested, no NEXT) inside the main region; anything else goes
+                # to the helper, which checks each rule in turn.
+                if (in_table or flags & VIRTQ_DESC_F_NEXT or not length or length & 15
+                        or length > self._indirect_bytes
+                        or not (lo <= addr and addr + length <= hi)):
+                    table = self._indirect_table(i, addr, length, flags, head, in_table)
+                else:
+                    table = ro[addr - lo:addr - lo + length]
                 # 2.7.5.3.2: the device ignores WRITE on the descriptor that
                 # refers to a table; the table's first entry is index 0.
-                table_len, where, i = n, f" in the indirect table of head {head}", 0
-                visited = set()
+                table_len = length >> 4  # entries of 16 bytes
+                in_table = True
+                first = i = n = 0
                 continue
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_writable = True
-                if length:
-                    writable.extend(self._views(mem, addr, length, i, head, where))
+                if length:  # a zero-length buffer is legal and contributes no bytes
+                    if lo <= addr and addr + length <= hi:
+                        off = addr - lo
+                        writable.append(rw[off:off + length])
+                    else:
+                        writable += self._views(addr, length, False, i, head, in_table)
                     wlen += length
+                    if rlen + wlen > MAX_CHAIN_BYTES:
+                        raise self._too_long(table, first, n, head, in_table)
             else:
                 # 2.7.4.2: "The driver MUST place any device-writable descriptor
                 # elements after any device-readable descriptor elements."
                 if seen_writable:
-                    raise VirtqueueError(f"descriptor {i}{where} (chain head {head}) is "
-                                         f"device-readable but follows a device-writable one")
+                    raise self._chain_error(
+                        table, first, n, head, in_table,
+                        f"descriptor {i}{_where(head, in_table)} (chain head {head}) is "
+                        f"device-readable but follows a device-writable one")
                 if length:
-                    for v in self._views(mem, addr, length, i, head, where):
-                        readable.append(v.toreadonly())
+                    # Slices of the read-only base view are read-only: the
+                    # device must not write into driver-readable buffers.
+                    if lo <= addr and addr + length <= hi:
+                        off = addr - lo
+                        readable.append(ro[off:off + length])
+                    else:
+                        readable += self._views(addr, length, True, i, head, in_table)
                     rlen += length
-            # A zero-length buffer is legal and simply contributes no bytes.
-            if rlen + wlen > MAX_CHAIN_BYTES:
-                raise VirtqueueError(f"descriptor chain at head {head} is longer than 2^32 bytes")
+                    if rlen > MAX_CHAIN_BYTES:  # (no writable bytes yet: see above)
+                        raise self._too_long(table, first, n, head, in_table)
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= table_len:
-                raise VirtqueueError(f"descriptor {i}{where} (chain head {head}) links to "
-                                     f"descriptor {nxt}, beyond the table size {table_len}")
+                raise VirtqueueError(f"descriptor {i}{_where(head, in_table)} (chain head "
+                                     f"{head}) links to descriptor {nxt}, beyond the table "
+                                     f"size {table_len}")
+            # 2.7.5.2: a chain must be shorter than 2^32 bytes, "this implies that
+            # loops in the descriptor chain are forbidden"; and 2.7.5.3.1: no chain
+            # longer than the queue size.  A chain within one table can only have
+            # table_len distinct descriptors, so one more step means a loop.  (A
+            # counter instead of a set of visited descriptors: this runs for
+            # every descriptor; the loop is located when reporting it.)
+            if n >= table_len:
+                raise self._chain_error(
+                    table, first, n + 1, head, in_table,
+                    f"descriptor chain at head {head}{_where(head, in_table)} is longer "
+                    f"than its table of {table_len} descriptors")
             i = nxt
-        chain.readable_len, chain.writable_len = rlen, wlen
-        return chain
+        self._last_avail = (last + 1) & 0xFFFF
+        return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    def _indirect_table(self, i: int, addr: int, length: int, flags: int, head: int,
+                        in_table: bool) -> memoryview:
+        """The table that descriptor `i` refers to, every rule checked (the
+        cases `pop` does not inline: errors, a table outside the main region)."""
+        if in_table:
+            # 2.7.5.3.1: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within
+            # an indirect descriptor (ie. only one table per descriptor)"
+            raise VirtqueueError(f"descriptor {i}{_where(head, in_table)} is a nested "
+                                 f"indirect table")
+        if flags & VIRTQ_DESC_F_NEXT:
+            # 2.7.5.3.1: "MUST NOT set both VIRTQ_DESC_F_INDIRECT and
+            # VIRTQ_DESC_F_NEXT"
+            raise VirtqueueError(f"descriptor {i} (chain head {head}) has both INDIRECT "
+                                 f"and NEXT set")
+        # struct indirect_descriptor_table { struct virtq_desc desc[len / 16]; }
+        if length == 0 or length % VIRTQ_DESC.size:
+            raise VirtqueueError(f"descriptor {i} (chain head {head}): indirect table "
+                                 f"length {length} is not a non-zero multiple of 16")
+        n = length // VIRTQ_DESC.size
+        if n > self._indirect_max:
+            raise VirtqueueError(f"descriptor {i} (chain head {head}): indirect table of "
+                                 f"{n} entries is longer than {self._indirect_max}")
+        try:
+            return self.mem.view(addr, length)
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"descriptor {i} (chain head {head}): indirect table "
+                                 f"at gpa 0x{addr:x} len {length}: {e}") from None
+
+    def _views(self, addr: int, length: int, readonly: bool, i: int, head: int,
+               in_table: bool) -> list[memoryview]:
+        """Views of a buffer outside the main region (another region, or across two)."""
+        try:
+            return self.mem.views(addr, length, readonly)
+        except GuestMemoryError:
+            raise VirtqueueError(f"descriptor {i}{_where(head, in_table)} (chain head {head}) "
+                                 f"points outside guest memory (gpa 0x{addr:x}, "
+                                 f"len {length})") from None
+
+    @classmethod
+    def _too_long(cls, table: memoryview, first: int, steps: int, head: int,
+                  in_table: bool) -> VirtqueueError:
+        # 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32
+        # bytes in total"
+        return cls._chain_error(table, first, steps, head, in_table,
+                                f"descriptor chain at head {head} is longer than 2^32 bytes")
 
     @staticmethod
-    def _views(mem: GuestMemory, addr: int, length: int, i: int, head: int,
-               where: str) -> list[memoryview]:
-        try:
-            return mem.views(addr, length)
-        except GuestMemoryError:
-            raise VirtqueueError(f"descriptor {i}{where} (chain head {head}) points outside "
-                                 f"guest memory (gpa 0x{addr:x}, len {length})") from None
+    def _chain_error(table: memoryview, first: int, steps: int, head: int, in_table: bool,
+                     message: str) -> VirtqueueError:
+        """The error for a chain found bad at its `steps`-th descriptor of `table`.
+
+        If the chain loops within those steps, the loop is reported instead of
+        `message`: the loop is the driver's real mistake, and the chain broke
+        the other rule only by coming round again.  Re-walked from `first`
+        (error path only; the walk itself keeps no set of visited descriptors).
+        """
+        table_len = len(table) // VIRTQ_DESC.size
+        visited: set[int] = set()
+        i = first
+        for _ in range(steps):
+            if i in visited:
+                return VirtqueueError(f"descriptor chain at head {head}"
+                                      f"{_where(head, in_table)} loops back to descriptor "
+                                      f"{i} after {len(visited)} descriptors")
+            visited.add(i)
+            _, _, flags, nxt = _unpack_desc(table, i << 4)
+            if not flags & VIRTQ_DESC_F_NEXT or nxt >= table_len:
+                break  # (only if the driver rewrote the chain meanwhile)
+            i = nxt
+        return VirtqueueError(message)
 
     # -- producing -----------------------------------------------------------------
     def push(self, head: int, written_len: int) -> None:
@@ -289,13 +372,15 @@ class Virtqueue:
             raise VirtqueueError(f"pushing descriptor {head}, beyond the queue size {self.size}")
         if not 0 <= written_len <= 0xFFFFFFFF:
             raise VirtqueueError(f"used length {written_len} does not fit 32 bits")
-        slot = 2 * (self._used_idx & self._mask)
-        self._used_ring[slot] = head
-        self._used_ring[slot + 1] = written_len
+        idx = self._used_idx
+        ring = self._used_ring
+        slot = 2 * (idx & self._mask)
+        ring[slot] = head
+        ring[slot + 1] = written_len
         if _fence is not None:
             _fence()
-        self._used_idx = (self._used_idx + 1) & 0xFFFF
-        self._used16[1] = self._used_idx
+        self._used_idx = idx = (idx + 1) & 0xFFFF
+        self._used16[1] = idx
 
     def needs_notify(self) -> bool:
         """Whether to signal the driver after pushing.  Always True.

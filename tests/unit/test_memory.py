@@ -79,6 +79,31 @@ def test_contiguous_view(two_regions):
         mem.view(A, 0)
 
 
+def test_readonly_views(two_regions):
+    mem, a, b, _ = two_regions
+    a[-2:] = b"ab"
+    b[:3] = b"cde"
+    for gpa, length in ((A + 0x10, 4), (A + 0xFFE, 5)):  # one region; two regions
+        views = mem.views(gpa, length, readonly=True)
+        assert all(v.readonly for v in views)
+        assert not any(v.readonly for v in mem.views(gpa, length))
+        with pytest.raises(TypeError):
+            views[0][:1] = b"x"
+    assert b"".join(mem.views(A + 0xFFE, 5, readonly=True)) == b"abcde"
+
+
+def test_main_span_is_the_largest_region():
+    small, large = bytearray(0x1000), bytearray(0x3000)
+    mem = GuestMemory.from_buffers([(A, small), (A + 0x10000, large)])
+    lo, hi, view, ro = mem.main_span
+    assert (lo, hi) == (A + 0x10000, A + 0x13000)
+    assert len(view) == len(ro) == 0x3000 and ro.readonly and not view.readonly
+    view[:2] = b"hi"
+    assert large[:2] == b"hi" and bytes(ro[:2]) == b"hi"
+    lo, hi, *_ = GuestMemory.empty().main_span
+    assert not lo <= 0 < hi  # no address is in the span of empty memory
+
+
 def test_uva_to_gpa(two_regions):
     mem, *_ = two_regions
     assert mem.uva_to_gpa(UVA + 0x10, 16) == A + 0x10

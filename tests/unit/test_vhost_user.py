@@ -453,6 +453,42 @@ def test_disabled_ring_is_not_processed_until_enabled(h):
     assert not wait_fd(call, 0.2)
 
 
+def test_without_a_kick_fd_the_ring_is_polled(h):
+    h.negotiate()
+    h.set_mem_table()
+    d, kick, call, _ = h.setup_ring(1)
+    h.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1 | 0x100))  # NOFD: no kick fd
+    d.add([b"unkicked"], [16])
+    assert wait_fd(call), "a ring without a kick fd was not polled"
+    assert d.used_elem(0) == (0, 8)
+
+
+def test_many_kicks_are_each_seen(h):
+    """Each kick wakes the worker again (the eventfd is reset after each wake-up)."""
+    h.start()
+    for i in range(50):
+        data = b"kick %d" % i
+        assert h.request(1, data) == (len(data), data)
+
+
+def test_hang_up_on_the_kick_fd_stops_the_ring(h, caplog):
+    h.negotiate()
+    h.set_mem_table()
+    h.setup_ring(1)
+    r, w = os.pipe()
+    h.fds.append(w)
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        h.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [r])
+        os.close(w)
+        deadline = time.monotonic() + TIMEOUT
+        while not any("kick fd failed" in m.getMessage() for m in caplog.records):
+            assert time.monotonic() < deadline, "kick fd hang-up not noticed"
+            time.sleep(0.01)
+    worker = h.backend.vrings[1]._worker
+    worker.join(TIMEOUT)
+    assert not worker.is_alive()
+
+
 def test_without_protocol_features_rings_start_enabled(h):
     h.negotiate(features=F_VERSION_1 | F_INDIRECT)
     h.set_mem_table()
@@ -584,6 +620,113 @@ def test_hang_up_with_chain_in_flight_does_not_hang():
     t = time.monotonic()
     h.close()
     assert time.monotonic() - t < 2.0
+
+
+# -- a device that answers inline (no in-flight bookkeeping) --------------------------------
+
+
+class InlineDevice(EchoDevice):
+    """EchoDevice that declares it never completes later (`completes_async` False), as
+    vfsd without a thread pool.  "LEN x" requests return the bad length x; KEEP requests
+    are echoed and their chain kept for the test."""
+
+    completes_async = False
+    lengths = {b"LEN -1": -1, b"LEN big": 1 << 40, b"LEN str": "3", b"LEN float": 2.0,
+               b"LEN none": None, b"LEN true": True}
+
+    def handle_chain(self, vring, chain):
+        data = b"".join(bytes(v) for v in chain.readable)
+        if data in self.lengths:
+            self.echo(chain, data)
+            return self.lengths[data]
+        if data.startswith(b"KEEP"):
+            self.held.put((vring, chain, data))
+        return super().handle_chain(vring, chain)
+
+
+@pytest.fixture
+def hi():
+    harness = Harness(InlineDevice())
+    yield harness
+    harness.close()
+
+
+def test_inline_device_round_trips_and_notifies_once_per_batch(hi):
+    hi.start()
+    assert hi.request(1, b"hello") == (5, b"hello")
+    assert hi.request(1, b"indirect", indirect=True) == (8, b"indirect")
+    time.sleep(0.1)  # let the worker go back to waiting for a kick
+    d, kick, call, _ = hi.rings[1]
+    before = d.used_idx()
+    for i in range(5):
+        d.add([b"batch %d" % i], [16], publish=False)
+    d.set_avail_idx(d.avail_idx)
+    os.eventfd_write(kick, 1)
+    r, _, _ = select.select([call], [], [], TIMEOUT)
+    assert r, "no call notification"
+    time.sleep(0.1)  # (a notification per chain would have been written by now)
+    assert os.eventfd_read(call) == 1, "more than one call notification for one batch"
+    assert d.used_idx() == (before + 5) & 0xFFFF
+    assert [d.used_elem(before + i)[1] for i in range(5)] == [7] * 5
+    assert hi.backend.vrings[1].inflight == 0
+
+
+@pytest.mark.parametrize("data,used,message", [
+    (b"LEN -1", 0, "using 0"),
+    (b"LEN str", 0, "using 0"),
+    (b"LEN float", 0, "using 0"),
+    (b"LEN big", 16, "clamping"),
+    (b"LEN none", 0, "answering it empty"),
+])
+def test_inline_device_bad_lengths_are_corrected(hi, caplog, data, used, message):
+    hi.start()
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        ulen, _ = hi.request(1, data, wsize=16)
+    assert ulen == used
+    assert any(message in r.getMessage() for r in caplog.records), caplog.records
+    assert hi.request(1, b"LEN true", wsize=16)[0] == 1  # a bool is an int
+    assert hi.request(1, b"next") == (4, b"next")
+
+
+def test_inline_device_exception_answers_empty_and_keeps_serving(hi, caplog):
+    hi.start()
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        assert hi.request(1, b"RAISE") == (0, b"")
+    assert any("device failed on descriptor chain" in r.getMessage() for r in caplog.records)
+    assert hi.request(1, b"again") == (5, b"again")
+
+
+def test_inline_device_late_completion_is_refused(hi, caplog):
+    hi.start()
+    assert hi.request(1, b"KEEP") == (4, b"KEEP")
+    vring, chain, _ = hi.device.held.get(timeout=TIMEOUT)
+    d = hi.rings[1][0]
+    with caplog.at_level(logging.WARNING, logger="protocol.vhost_user"):
+        vring.complete(chain, 2)
+    assert any("not in flight" in r.getMessage() for r in caplog.records)
+    assert d.used_idx() == 1
+
+
+def test_inline_device_stop_and_restart(hi):
+    hi.start()
+    for i in range(3):
+        hi.request(1, b"x%d" % i)
+    hi.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
+    assert struct.unpack("<II", hi.recv(Request.GET_VRING_BASE)) == (1, 3)
+    d, kick, call, err = hi.rings[1]
+    hi.ok(Request.SET_VRING_BASE, struct.pack("<II", 1, 3))
+    hi.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [kick])
+    assert hi.request(1, b"after") == (5, b"after")
+
+
+def test_inline_device_malformed_ring_breaks_the_queue(hi):
+    hi.start()
+    d, kick, _, err = hi.rings[1]
+    d.set_avail_idx(100)
+    os.eventfd_write(kick, 1)
+    assert wait_fd(err)
+    assert "jumped" in hi.backend.vrings[1].broken
+    assert hi.request(0, b"queue zero") == (10, b"queue zero")
 
 
 # -- malformed messages ----------------------------------------------------------------------

@@ -518,3 +518,119 @@ def test_error_messages_name_the_descriptor():
     d.put_avail(0)
     pop_error(vq, r"descriptor 5 \(chain head 0\) points outside guest memory "
                   r"\(gpa 0xabc00000, len 7\)")
+
+
+# -- loops found by counting, reported by name ---------------------------------------------
+# The walk counts descriptors instead of remembering them (a chain in one table has at
+# most as many distinct descriptors as the table); the loop is located when reported.
+
+
+def test_loop_at_the_end_of_a_long_direct_chain():
+    d, vq = make(size=64)
+    g = d.put(b"a")
+    for i in range(40):
+        d.write_desc(i, g, 1, NEXT, i + 1 if i < 39 else 20)
+    d.put_avail(0)
+    pop_error(vq, "chain at head 0 loops back to descriptor 20 after 40 descriptors")
+
+
+def test_loop_through_writable_descriptors_only():
+    d, vq = make(size=8)
+    d.write_desc(0, d.put(b"a"), 1, NEXT, 1)
+    for i in (1, 2, 3):
+        d.write_desc(i, d.alloc(4), 4, WRITE | NEXT, i + 1 if i < 3 else 1)
+    d.put_avail(0)
+    pop_error(vq, "chain at head 0 loops back to descriptor 1 after 4 descriptors")
+
+
+def test_loop_in_an_indirect_table_longer_than_the_queue():
+    d, vq = make(size=4)
+    table = d.alloc(16 * 16)
+    g = d.put(b"a")
+    for i in range(10):
+        d.write_desc(i, g, 1, NEXT, i + 1 if i < 9 else 3, table)
+    d.write_desc(0, table, 16 * 16, INDIRECT)
+    d.put_avail(0)
+    pop_error(vq, "indirect table of head 0 loops back to descriptor 3 after 10 descriptors")
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 0, 2, 1], [2, 3, 1, 0]])
+def test_chain_through_every_descriptor_of_the_ring_is_not_a_loop(order):
+    d, vq = make(size=4)
+    for k, slot in enumerate(order):
+        last = k == len(order) - 1
+        d.write_desc(slot, d.put(bytes([k])), 1, 0 if last else NEXT, 0 if last else order[k + 1])
+    d.put_avail(order[0])
+    c = vq.pop()
+    assert data(c.readable) == b"\0\1\2\3"
+
+
+def test_chain_through_every_entry_of_an_indirect_table_is_not_a_loop():
+    d, vq = make(size=2)
+    table = d.alloc(16 * 5)
+    order = [0, 3, 1, 4, 2]  # the table's first entry is index 0 (2.7.5.3.2)
+    for k, slot in enumerate(order):
+        last = k == len(order) - 1
+        d.write_desc(slot, d.put(bytes([k])), 1, 0 if last else NEXT,
+                     0 if last else order[k + 1], table)
+    d.write_desc(0, table, 16 * 5, INDIRECT)
+    d.put_avail(0)
+    assert data(vq.pop().readable) == b"\0\1\2\3\4"
+
+
+def test_loop_is_reported_before_the_2_32_limit_it_would_reach():
+    """Each pass round the loop adds bytes: the loop is the error, as it was first."""
+    try:
+        big = mmap.mmap(-1, (1 << 31) + 4096)  # lazily allocated, never touched
+    except (OSError, ValueError, OverflowError):
+        pytest.skip("cannot reserve 2 GiB of address space here")
+    ring = bytearray(0x10000)
+    d = RingDriver(ring, GPA, 8)
+    mem = GuestMemory.from_buffers([(GPA, ring), (1 << 40, big)])
+    vq = Virtqueue(mem, 8, d.desc_gpa, d.avail_gpa, d.used_gpa)
+    d.write_desc(0, 1 << 40, 1 << 30, NEXT, 1)
+    d.write_desc(1, 1 << 40, 1 << 30, NEXT, 0)
+    d.put_avail(0)
+    pop_error(vq, "chain at head 0 loops back to descriptor 0 after 2 descriptors")
+    del vq, mem
+
+
+# -- views ---------------------------------------------------------------------------------
+
+
+def assert_views(chain):
+    for v in chain.readable:
+        assert v.readonly
+        with pytest.raises(TypeError):
+            v[:1] = b"x"
+    for v in chain.writable:
+        assert not v.readonly
+        v[:1] = b"x"
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_readable_views_are_read_only_and_writable_ones_writable(indirect):
+    d, vq = make()
+    d.add([b"one", b"two"], [3, 5], indirect=indirect)
+    c = vq.pop()
+    assert data(c.readable) == b"onetwo" and [len(v) for v in c.writable] == [3, 5]
+    assert_views(c)
+
+
+def test_views_outside_the_main_region_and_across_regions():
+    """The walk slices the largest region inline; other buffers go through GuestMemory."""
+    small, large = bytearray(0x1000), bytearray(0x40000)
+    d = RingDriver(large, GPA, 8, ring_offset=0x1000)
+    mem = GuestMemory.from_buffers([(GPA - 0x1000, small), (GPA, large)])
+    vq = Virtqueue(mem, 8, d.desc_gpa, d.avail_gpa, d.used_gpa)
+    small[-4:] = b"abcd"
+    large[:2] = b"ef"
+    d.write_desc(0, GPA - 0x1000 + 0x10, 8, NEXT, 1)  # in the small region: readable
+    d.write_desc(1, GPA - 4, 6, NEXT, 2)              # across both: readable
+    d.write_desc(2, GPA - 0x1000 + 0x100, 4, WRITE)   # in the small region: writable
+    d.put_avail(0)
+    c = vq.pop()
+    assert [bytes(v) for v in c.readable] == [bytes(8), b"abcd", b"ef"]
+    assert c.readable_len == 14 and c.writable_len == 4
+    assert_views(c)
+    assert small[0x100:0x101] == b"x"

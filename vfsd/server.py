@@ -17,6 +17,7 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 from protocol import fuse
@@ -50,6 +51,13 @@ _pack_out_header = fuse.fuse_out_header.flat_pack
 # Opcodes whose requests get no reply at all (fuse.h: FORGET, BATCH_FORGET;
 # an INTERRUPT is answered through the request it interrupts).
 NO_REPLY = frozenset({fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.INTERRUPT})
+
+
+# The flag words as plain ints for tests made on every request: `int & IntFlag`
+# builds an enum member each time (about a microsecond in 3.11).
+_V = SimpleNamespace(**{m.name: int(m) for m in fuse.SetattrValid})
+_F = SimpleNamespace(**{m.name: int(m) for m in fuse.InitFlag})
+_FOPEN_NOFLUSH = int(fuse.OpenFlag.NOFLUSH)
 
 
 def _op_name(opcode: int) -> str:
@@ -214,7 +222,7 @@ class FuseServer:
 
     def _secctx(self, ext: bytes) -> tuple[tuple[bytes, bytes], ...]:
         """The security contexts in a request's extensions (FUSE_SECURITY_CTX)."""
-        if not ext or not self.flags & fuse.InitFlag.SECURITY_CTX:
+        if not ext or not self.flags & _F.SECURITY_CTX:
             return ()
         out = []
         off = 0
@@ -284,7 +292,7 @@ class FuseServer:
                 a.mode, a.nlink, a.uid, a.gid,
                 ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF,
                 a.blksize,
-                fuse.ATTR_SUBMOUNT if a.submount and self.flags & fuse.InitFlag.SUBMOUNTS else 0)
+                fuse.ATTR_SUBMOUNT if a.submount and self.flags & _F.SUBMOUNTS else 0)
 
     def _entry(self, e: Entry) -> bytes:
         return fuse.fuse_entry_out.flat_pack(
@@ -299,8 +307,8 @@ class FuseServer:
         """fuse_open_out: the filesystem's FOPEN_* flags plus the cache policy's."""
         flags = o.open_flags | (self._dir_open_flags if is_dir else self._file_open_flags)
         if o.noflush:
-            flags |= fuse.OpenFlag.NOFLUSH
-        return fuse.fuse_open_out.flat_pack(o.fh, int(flags), 0)
+            flags |= _FOPEN_NOFLUSH
+        return fuse.fuse_open_out.flat_pack(o.fh, flags, 0)
 
     def _open_flags(self, is_dir: bool) -> int:
         flags = 0
@@ -389,20 +397,20 @@ class FuseServer:
         """Whether file capabilities must be dropped here on every write: with
         HANDLE_KILLPRIV_V2 the guest kernel leaves it to us, and its direct-I/O
         write path (cache=never) never drops them."""
-        return bool(self.flags & fuse.InitFlag.HANDLE_KILLPRIV_V2) or self.opts.direct_io
+        return bool(self.flags & _F.HANDLE_KILLPRIV_V2) or self.opts.direct_io
 
     def _v2_kill(self, ctx: Ctx) -> dict:
         """fallocate/copy_file_range under HANDLE_KILLPRIV_V2 carry no kill flag:
         clear suid/sgid for callers without CAP_FSETID (approximated as
         non-root: FUSE does not send capabilities) and capabilities always."""
-        if not self.flags & fuse.InitFlag.HANDLE_KILLPRIV_V2:
+        if not self.flags & _F.HANDLE_KILLPRIV_V2:
             return {}
         return dict(kill_suidgid=ctx.uid != 0, kill_caps=True)
 
     def _umask(self, umask: int) -> int:
         """The umask the filesystem must apply: only with DONT_MASK, else the
         guest kernel has applied it already."""
-        return umask if self.flags & fuse.InitFlag.DONT_MASK else 0
+        return umask if self.flags & _F.DONT_MASK else 0
 
     def reset(self) -> None:
         """The device was reset or the frontend left: end the session."""
@@ -452,7 +460,7 @@ class FuseServer:
 
     def _setattr(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_setattr_in.unpack(reader.read(fuse.fuse_setattr_in.size))
-        V = fuse.SetattrValid
+        V = _V
         v = a.valid
 
         def when(bit, now_bit, sec, nsec):
@@ -471,7 +479,7 @@ class FuseServer:
             # HANDLE_KILLPRIV_V2: the server clears suid/sgid/caps on chown
             # itself, and on truncate when the kernel flags it.
             kill_suidgid=bool(v & V.KILL_SUIDGID) or bool(
-                self.flags & fuse.InitFlag.HANDLE_KILLPRIV_V2 and v & (V.UID | V.GID)),
+                self.flags & _F.HANDLE_KILLPRIV_V2 and v & (V.UID | V.GID)),
         )
         return self._attr_out(self.fs.setattr(ctx, nodeid, changes))
 
@@ -657,7 +665,7 @@ class FuseServer:
 
     def _setxattr(self, ctx, nodeid, reader, writer) -> bytes:
         # Without SETXATTR_EXT the kernel sends the 8-byte compat struct.
-        ext = bool(self.flags & fuse.InitFlag.SETXATTR_EXT)
+        ext = bool(self.flags & _F.SETXATTR_EXT)
         raw = reader.read(fuse.fuse_setxattr_in.size if ext else fuse.COMPAT_SETXATTR_IN_SIZE)
         a = fuse.fuse_setxattr_in.unpack(raw.ljust(fuse.fuse_setxattr_in.size, b"\0"))
         rest = reader.read(reader.remaining)

@@ -984,14 +984,14 @@ class PassthroughFs:
                 elif de.is_symlink():
                     kind = stat.S_IFLNK
                 elif de.is_file(follow_symlinks=False):
-                    kind = self._listed_file_type(h.fd, name)
+                    kind = None  # a record may say otherwise: read when listed
                 else:
                     try:
                         kind = stat.S_IFMT(os.stat(name, dir_fd=h.fd,
                                                    follow_symlinks=False).st_mode)
                     except OSError:
                         continue
-                entries.append((name, de.inode(), kind >> 12))
+                entries.append((name, de.inode(), None if kind is None else kind >> 12))
         return entries
 
     def _listed_file_type(self, dir_fd: int, name: bytes) -> int:
@@ -1006,7 +1006,10 @@ class PassthroughFs:
         kind = stat.S_IFMT(rec.mode)
         return kind if kind != stat.S_IFDIR else stat.S_IFREG
 
-    def readdir(self, ctx: Ctx, nodeid: int, fh: int, offset: int):
+    def readdir(self, ctx: Ctx, nodeid: int, fh: int, offset: int, plus: bool = False):
+        """Entries from `offset` on.  The type of a host regular file comes from
+        its record (a getxattr each); with `plus` the caller looks every entry up
+        anyway and takes the type from there, so it is left DT_UNKNOWN (0)."""
         h = self._handle(fh, is_dir=True)
         with h.lock:
             if h.entries is None or offset == 0:
@@ -1014,6 +1017,8 @@ class PassthroughFs:
             entries = h.entries
         for i in range(offset, len(entries)):
             name, ino, dtype = entries[i]
+            if dtype is None:
+                dtype = 0 if plus else self._listed_file_type(h.fd, name) >> 12
             yield DirEntry(name, ino, dtype, i + 1)
 
     def releasedir(self, ctx: Ctx, nodeid: int, fh: int) -> None:

@@ -617,7 +617,7 @@ class FuseServer:
         room = min(a.size, writer.room)
         out = bytearray()
         hdr = fuse.fuse_direntplus.size if plus else fuse.fuse_dirent.size
-        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset):
+        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=plus):
             reclen = fuse.dirent_align(hdr + len(d.name))
             if len(out) + reclen > room:
                 break  # the entry is not sent, so it is not looked up either

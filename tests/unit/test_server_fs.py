@@ -165,8 +165,16 @@ def test_readdir_and_readdirplus(s):
         off += fuse.dirent_align(24 + d.namelen)
     assert names == {b".": 4, b"..": 4, b"a": 1, b"b": 1, b"c": 1}  # DT_FIFO from records
     body = s.ok(fuse.Opcode.READDIRPLUS, 1, fuse.fuse_read_in.pack(fh=fh, size=4096))
-    d = fuse.fuse_direntplus.unpack_from(body, 0)
-    assert d.dirent.namelen == 1
+    plus, off = {}, 0
+    while off < len(body):
+        d = fuse.fuse_direntplus.unpack_from(body, off)
+        name = body[off + fuse.fuse_direntplus.size:
+                    off + fuse.fuse_direntplus.size + d.dirent.namelen]
+        plus[name] = (d.dirent.type, stat.S_IFMT(d.entry_out.attr.mode))
+        off += fuse.dirent_align(fuse.fuse_direntplus.size + d.dirent.namelen)
+    # the type of each looked-up entry comes from its record, as in READDIR
+    assert {n: t for n, (t, _) in plus.items()} == names
+    assert all(m == stat.S_IFIFO for n, (_, m) in plus.items() if n not in (b".", b".."))
     s.ok(fuse.Opcode.RELEASEDIR, 1, fuse.fuse_release_in.pack(fh=fh))
 
 

@@ -122,7 +122,7 @@ def test_server_attr_encoding_matches_keyword_packing():
     assert got.attr == want and got.nodeid == 5
     assert fuse.fuse_attr_out.unpack(srv._attr_out(a)).attr == want
     # FUSE_ATTR_SUBMOUNT only once FUSE_SUBMOUNTS is negotiated, for entries and attrs alike
-    sub = Attr(**{**{f: getattr(a, f) for f in a.__dataclass_fields__}, "submount": True})
+    sub = a._replace(submount=True)
     assert fuse.fuse_attr_out.unpack(srv._attr_out(sub)).attr.flags == 0
     srv.flags = fuse.InitFlag.SUBMOUNTS
     assert fuse.fuse_entry_out.unpack(srv._entry(Entry(5, 0, sub))).attr.flags == 1

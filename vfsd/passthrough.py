@@ -23,6 +23,7 @@ docs/ownership.md and ../shared/design/ownership.md):
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -45,6 +46,9 @@ _MAX_SYMLINK = 4095
 XATTR_CREATE, XATTR_REPLACE = os.XATTR_CREATE, os.XATTR_REPLACE
 SECURITY_CAPABILITY = b"security.capability"
 _ACL_NAMES = (pacl.ACCESS, pacl.DEFAULT)
+# Open flags a new file's handle needs a real open(2) for (fcntl F_SETFL cannot
+# set them on the creating fd): synchronous writes, O_DIRECT, O_NOATIME.
+_NEEDS_REOPEN = os.O_SYNC | os.O_DSYNC | os.O_DIRECT | os.O_NOATIME
 _MAX_MEMO = 4096  # entries in each of PassthroughFs's memo dicts
 
 
@@ -159,6 +163,10 @@ class PassthroughFs:
         self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
         self._tmpfile_ok = True
+        # The process umask (read by setting it back at once), which open(2)
+        # applies to the mode of a new file.
+        self._umask = os.umask(0o022)
+        os.umask(self._umask)
         fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         root = Inode(ROOT_ID, fd, (st.st_dev, st.st_ino), nlookup=1 << 62)
@@ -569,8 +577,12 @@ class PassthroughFs:
             raise OSError(errno.EOPNOTSUPP, "host filesystem has no O_TMPFILE")
         if self._tmpfile_ok:
             try:
-                fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                             dir_fd=parent.fd)
+                # Created with its final mode unless the daemon's umask would
+                # strip some of it (host modes have no group/other write bits,
+                # so the usual 022 strips nothing): one fchmod less.
+                direct = not mode & self._umask
+                fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC,
+                             mode if direct else 0o600, dir_fd=parent.fd)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
@@ -579,7 +591,8 @@ class PassthroughFs:
                 self._tmpfile_ok = False
             else:
                 try:
-                    os.fchmod(fd, mode)
+                    if not direct:
+                        os.fchmod(fd, mode)
                     if content:
                         os.write(fd, content)
                     for xname, xvalue in xattrs.items():
@@ -900,11 +913,21 @@ class PassthroughFs:
                   flags: int) -> tuple[Entry, Opened]:
         """Enter a just-made file (its O_RDWR fd, closed here) and open a handle
         with the guest's own flags (O_APPEND, access mode, ...)."""
+        host_flags = self._host_open_flags(flags)
         try:
             ino, st = self._adopt_new(fd, rec, xattrs)
-            hfd = os.open(_proc_path(fd), self._host_open_flags(flags))
+            if host_flags & _NEEDS_REOPEN:
+                hfd = os.open(_proc_path(fd), host_flags)
+            else:
+                # The creating fd serves as the handle: O_RDWR covers any access
+                # mode the guest asked for (its own kernel checks the mode of
+                # each guest fd), and O_APPEND is the one status flag to copy.
+                if host_flags & os.O_APPEND:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
+                hfd, fd = fd, None
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         # st (taken after the link) is still the file's: opening changes nothing
         return self._entry(ino, st), Opened(self._new_handle(hfd, ino.nodeid), noflush=True)
 

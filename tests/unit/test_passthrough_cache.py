@@ -5,6 +5,7 @@ forgotten (docs/ownership.md, Host representation)."""
 
 import collections
 import errno
+import fcntl
 import os
 import stat
 
@@ -236,10 +237,20 @@ def test_open_create_and_lookup_replies(fs, share):
     assert (e.attr.ino, e.attr.nlink, e.attr.size) == (st.st_ino, 1, 0)
     assert (e.attr.uid, e.attr.gid, e.attr.mode) == (1234, 5678, stat.S_IFREG | 0o640)
     assert fs.write(CTX, e.nodeid, o.fh, 0, [b"abc"]) == 3
-    with pytest.raises(OSError) as err:
-        fs.read(CTX, e.nodeid, o.fh, 0, [bytearray(3)])   # opened write-only
-    assert err.value.errno == errno.EBADF
+    # The creating fd is the handle (no reopen): O_RDWR whatever the guest asked,
+    # as its own kernel checks each guest fd's mode (and with the writeback cache
+    # it reads pages through write-only opens).
+    back = bytearray(3)
+    assert fs.read(CTX, e.nodeid, o.fh, 0, [back]) == 3 and back == b"abc"
     fs.release(CTX, e.nodeid, o.fh)
+    e2, o2 = fs.create(CTX, 1, b"app", 0o600, 0, os.O_WRONLY | os.O_APPEND)
+    assert fcntl.fcntl(fs._handles[o2.fh].fd, fcntl.F_GETFL) & os.O_APPEND
+    fs.release(CTX, e2.nodeid, o2.fh)
+    e3, o3 = fs.create(CTX, 1, b"syn", 0o600, 0, os.O_WRONLY | os.O_SYNC)
+    fl = fcntl.fcntl(fs._handles[o3.fh].fd, fcntl.F_GETFL)
+    assert fl & os.O_SYNC == os.O_SYNC and fl & os.O_ACCMODE == os.O_WRONLY  # reopened
+    fs.release(CTX, e3.nodeid, o3.fh)
+    assert stat.S_IMODE(os.stat(share / "app").st_mode) == 0o600
     d = fs.mkdir(CTX, 1, b"dir", 0o755, 0)
     with pytest.raises(IsADirectoryError):
         fs.open(CTX, d.nodeid, os.O_RDONLY)

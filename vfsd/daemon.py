@@ -156,7 +156,8 @@ def filesystem(config: Config, fs_class=PassthroughFs):
                   posix_acl=config.posix_acl and config.xattr,
                   allow_direct_io=config.allow_direct_io,
                   preserve_noatime=config.preserve_noatime,
-                  xattrmap=XattrMap(config.xattrmap) if config.xattrmap else None)
+                  xattrmap=XattrMap(config.xattrmap) if config.xattrmap else None,
+                  writeback=config.writeback)
     try:
         fs = fs_class(config.shared_dir, **kwargs)
     except OSError as e:

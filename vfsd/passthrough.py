@@ -123,7 +123,10 @@ class PassthroughFs:
                  uidmap: ownership.IdMap | None = None, gidmap: ownership.IdMap | None = None,
                  key: bytes | None = None, readonly: bool = False, posix_acl: bool = True,
                  allow_direct_io: bool = False, preserve_noatime: bool = False,
-                 xattrmap: XattrMap | None = None):
+                 xattrmap: XattrMap | None = None, writeback: bool = False):
+        """`writeback`: the session offers the guest its writeback cache
+        (FUSE_WRITEBACK_CACHE), which changes how files must be opened."""
+        self.writeback = writeback
         self.record_name = record_name
         self._record_name_b = record_name.encode()
         self.names = ownership.XattrNames(self._record_name_b)
@@ -869,7 +872,17 @@ class PassthroughFs:
         return h
 
     def _host_open_flags(self, flags: int) -> int:
-        return (flags & ~self._open_strip) | os.O_CLOEXEC
+        flags = (flags & ~self._open_strip) | os.O_CLOEXEC
+        if self.writeback:
+            # With the writeback cache the guest kernel reads pages through
+            # write-only opens (to fill a partly written page), and writes
+            # dirty pages back at their own offsets, also for O_APPEND files,
+            # whose appending it does itself: a host O_APPEND would move those
+            # writes to the end (pwrite(2) ignores the offset then).
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags
 
     def open(self, ctx: Ctx, nodeid: int, flags: int) -> Opened:
         ino = self._inode(nodeid)

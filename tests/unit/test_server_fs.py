@@ -5,6 +5,7 @@ the dispatch, the records on the host and the replies are all exercised.
 """
 
 import errno
+import fcntl
 import os
 import stat
 
@@ -13,6 +14,7 @@ import pytest
 from protocol import fuse
 from protocol.buffers import Reader, Writer
 from vfsd import ownership
+from vfsd.fsapi import Ctx
 from vfsd.passthrough import PassthroughFs
 from vfsd.server import FuseServer
 
@@ -413,3 +415,25 @@ def test_file_opens_say_noflush_and_directory_opens_do_not(s):
     assert not d.open_flags & fuse.OpenFlag.NOFLUSH
     # a guest that sends FLUSH anyway (writeback cache) still gets an answer
     s.ok(fuse.Opcode.FLUSH, node, fuse.fuse_flush_in.pack(fh=opened.fh))
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+def test_open_flags_under_the_writeback_cache(tmp_path, writeback):
+    """With the writeback cache the guest reads through write-only opens and writes dirty
+    pages of O_APPEND files back at their offsets, so the host fd is O_RDWR without
+    O_APPEND (as virtiofsd does); without it the guest's flags go through as they are."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"0123456789")
+    fs = PassthroughFs(str(share), writeback=writeback)
+    ctx = Ctx(0, 0, 1)
+    node = fs.lookup(ctx, 1, b"f").nodeid
+    o = fs.open(ctx, node, os.O_WRONLY | os.O_APPEND)
+    fl = fcntl.fcntl(fs._handles[o.fh].fd, fcntl.F_GETFL)
+    assert (fl & os.O_ACCMODE, bool(fl & os.O_APPEND)) == (
+        (os.O_RDWR, False) if writeback else (os.O_WRONLY, True))
+    # a dirty page written back at its own offset lands there, not at the end
+    assert fs.write(ctx, node, o.fh, 2, [b"ab"]) == 2
+    assert (share / "f").read_bytes() == (b"01ab456789" if writeback else b"0123456789ab")
+    fs.release(ctx, node, o.fh)
+    fs.close()

@@ -727,6 +727,13 @@ def _parse_strings(reader: Reader, count: int) -> list[bytes]:
     remainder must be exactly `s1\0 s2\0`; anything else is a lying length.
     """
     data = reader.read(reader.remaining)
+    if count == 1:  # LOOKUP, UNLINK, CREATE, GETXATTR, ...: the same rules, no split
+        end = data.find(b"\0")
+        if end < 0:
+            raise ProtocolError("string argument is not NUL-terminated")
+        if end + 1 < len(data) and data[end + 1:].strip(b"\0"):
+            raise ProtocolError("trailing bytes after the string arguments")
+        return [data[:end]]
     parts = data.split(b"\0")
     if len(parts) < count + 1:
         raise ProtocolError("string argument is not NUL-terminated")
@@ -737,16 +744,6 @@ def _parse_strings(reader: Reader, count: int) -> list[bytes]:
 
 def _parse_names(reader: Reader, count: int) -> list[bytes]:
     """`count` single-component names filling the rest of the request."""
-    if count == 1:  # LOOKUP, UNLINK, CREATE, ...: the same rules, without the split
-        data = reader.read(reader.remaining)
-        end = data.find(b"\0")
-        if end < 0:
-            raise ProtocolError("string argument is not NUL-terminated")
-        if end + 1 < len(data) and data[end + 1:].strip(b"\0"):
-            raise ProtocolError("trailing bytes after the string arguments")
-        name = data[:end]
-        check_name(name)
-        return [name]
     names = _parse_strings(reader, count)
     for name in names:
         check_name(name)

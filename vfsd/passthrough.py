@@ -29,6 +29,8 @@ import logging
 import os
 import stat
 import threading
+import time
+from collections import OrderedDict
 
 from . import ownership, syscalls
 from . import posix_acl as pacl
@@ -50,6 +52,10 @@ _ACL_NAMES = (pacl.ACCESS, pacl.DEFAULT)
 # set them on the creating fd): synchronous writes, O_DIRECT, O_NOATIME.
 _NEEDS_REOPEN = os.O_SYNC | os.O_DSYNC | os.O_DIRECT | os.O_NOATIME
 _MAX_MEMO = 4096  # entries in each of PassthroughFs's memo dicts
+_MAX_FORGOTTEN = 16384  # records kept for forgotten nodes (PassthroughFs._forgotten)
+# With coarse timestamps, an inode changed less than a clock tick (1-10 ms)
+# before we looked may change again without its ctime moving.
+_RACY_NS = 50_000_000
 
 
 # Per-node locks (record read-modify-write, _materialize) come from a small
@@ -70,7 +76,7 @@ class Inode:
     makes and forgets thousands of them, each a LOOKUP on the hot path."""
 
     __slots__ = ("nodeid", "fd", "path", "key", "nlookup", "record", "record_loaded",
-                 "bad_record_logged", "retired_fds", "default", "xabsent")
+                 "bad_record_logged", "retired_fds", "default", "xabsent", "seen_ctime")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], nlookup: int = 0):
         self.nodeid = nodeid
@@ -97,6 +103,10 @@ class Inode:
         # of this daemon; a host-side edit of R.* shows once the node is
         # forgotten.  Replaced, never mutated (see PassthroughFs._xabsent_add).
         self.xabsent: frozenset[bytes] = _NO_NAMES
+        # st_ctime_ns of the host inode when its record was read (the fstat
+        # before the getxattr), or just after this daemon wrote it; None when
+        # unknown.  What PassthroughFs._forgotten checks a record against.
+        self.seen_ctime: int | None = None
 
     @property
     def lock(self) -> threading.Lock:
@@ -150,6 +160,18 @@ class PassthroughFs:
         self._decoded: dict[bytes, Record] = {}
         self._xgen = 0  # bumped after each xattr write (see _xabsent_add)
         self._name_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
+        # Record and xabsent of recently forgotten nodes, by host (st_dev,
+        # st_ino), with the st_ctime_ns they were last seen valid at.  The
+        # guest forgets inodes under memory pressure (or drop_caches) and looks
+        # them up again soon; a record read is then a getxattr through procfs,
+        # the dearest syscall of a LOOKUP.  Every change of an inode's xattrs
+        # (or mode, owner, links, data) moves its ctime, so an unchanged ctime
+        # means the record is still the one the node was forgotten with; with
+        # multigrain timestamps (Linux 6.13+) even a change in the same clock
+        # tick as our fstat shows; without them (see _seen) a ctime that
+        # recent is not trusted.  Bounded, oldest dropped first.
+        self._forgotten: OrderedDict[tuple[int, int], tuple[int, Record | None,
+                                                            frozenset[bytes]]] = OrderedDict()
         self.xattrmap = xattrmap
         # virtiofsd drops O_DIRECT (page-cache coherency with the guest's own
         # cache) and O_NOATIME (EPERM on files one does not own) by default.
@@ -177,6 +199,7 @@ class PassthroughFs:
         self._by_key[root.key] = root
         self._syncfs_fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._root_path = os.readlink(proc_fd(fd).encode())
+        self._fine_ctime = self._probe_fine_ctime()
 
     # ------------------------------------------------------------------
     # Start-up checks
@@ -196,6 +219,37 @@ class PassthroughFs:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and self.readonly:
                 return
             raise
+
+    def _probe_fine_ctime(self) -> bool:
+        """Whether the host filesystem gives a change right after an fstat a
+        new ctime (fine-grained or multigrain timestamps): a few changes of an
+        unnamed file, each between two fstats.  False when unsure."""
+        if self.readonly:
+            return False
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._by_id[ROOT_ID].fd)
+        except OSError:
+            return False
+        try:
+            for mode in (0o700, 0o600, 0o700, 0o600):
+                before = os.fstat(fd).st_ctime_ns
+                os.fchmod(fd, mode)
+                if os.fstat(fd).st_ctime_ns == before:
+                    return False
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _seen(self, ctime_ns: int) -> int | None:
+        """Inode.seen_ctime for a record known to match the inode at `ctime_ns`,
+        or None if a later change might keep that ctime (coarse timestamps and
+        a change within the last clock tick)."""
+        if self._fine_ctime or time.time_ns() - ctime_ns > _RACY_NS:
+            return ctime_ns
+        return None
 
     # ------------------------------------------------------------------
     # Inode table
@@ -223,14 +277,20 @@ class PassthroughFs:
             else:
                 ino = Inode(next(self._next_id), fd, key, nlookup=1)
                 ino.xabsent = xabsent
+                known = self._forgotten.pop(key, None) if self._forgotten else None
                 if new is not None:
                     ino.record, ino.record_loaded = new, True
+                    ino.seen_ctime = self._seen(st.st_ctime_ns)  # st: after the record landed
+                elif known is not None and known[0] == st.st_ctime_ns:
+                    ino.record, ino.record_loaded, ino.xabsent = known[1], True, known[2]
+                    ino.seen_ctime = known[0]
                 self._by_id[ino.nodeid] = ino
                 self._by_key[key] = ino
                 return ino
         if new is not None:
             with ino.lock:
                 ino.record, ino.record_loaded = new, True
+                ino.seen_ctime = None  # the live node may have changed since st
         return ino
 
     def _open_child(self, parent: Inode, name: bytes) -> tuple[int, os.stat_result]:
@@ -267,6 +327,11 @@ class PassthroughFs:
         del self._by_id[nodeid]
         if self._by_key.get(ino.key) is ino:
             del self._by_key[ino.key]
+            if ino.record_loaded and ino.seen_ctime is not None:
+                forgotten = self._forgotten
+                if len(forgotten) >= _MAX_FORGOTTEN:
+                    forgotten.popitem(last=False)
+                forgotten[ino.key] = (ino.seen_ctime, ino.record, ino.xabsent)
         return ino
 
     @staticmethod
@@ -298,6 +363,7 @@ class PassthroughFs:
             root.xabsent = _NO_NAMES  # a new mount reads the root's xattrs afresh
             self._by_id = {ROOT_ID: root}
             self._by_key = {root.key: root}
+            self._forgotten.clear()
         for h in handles.values():
             os.close(h.fd)
         for ino in nodes:
@@ -311,6 +377,9 @@ class PassthroughFs:
             return ino.record
         rec = None
         host_type = stat.S_IFMT(st.st_mode)
+        # st was taken before the read: a record changed in between was read
+        # with an older ctime, which then never matches (a re-read, not a stale one)
+        ino.seen_ctime = self._seen(st.st_ctime_ns)
         if host_type in _HOST_RECORD_TYPES:
             try:
                 data = os.getxattr(ino.path, self._record_name_b)
@@ -363,16 +432,29 @@ class PassthroughFs:
         ino.default = (key, rec)
         return rec
 
-    def _store_record(self, ino: Inode, rec: Record, st: os.stat_result) -> None:
-        if stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
+    def _store_record(self, ino: Inode, rec: Record, st: os.stat_result | None) -> None:
+        """Write the node's record, and give the host inode the mode that goes
+        with it.  `st` None: the node holds a record of its own, so its host
+        inode can carry one, and the caller fixes the host mode from the fstat
+        it makes afterwards anyway (`_fix_host_mode`)."""
+        if st is not None and stat.S_IFMT(st.st_mode) not in _HOST_RECORD_TYPES:
             st = self._materialize(ino, st)
-        path = ino.path
-        os.setxattr(path, self._record_name_b,
+        os.setxattr(ino.path, self._record_name_b,
                     ownership.encode(rec, self.key, name=self._record_name_b))
+        # the node holds what the host holds, even if the chmod fails; the
+        # ctime this write gave the inode is unknown (setattr learns it)
+        ino.record, ino.record_loaded, ino.seen_ctime = rec, True, None
+        if st is not None:
+            self._fix_host_mode(ino, rec, st)
+
+    @staticmethod
+    def _fix_host_mode(ino: Inode, rec: Record, st: os.stat_result) -> bool:
+        """chmod the host inode to the mode `rec` asks for, if `st` shows another."""
         want = ownership.host_mode_for(rec.mode)
-        if stat.S_IMODE(st.st_mode) != want:
-            os.chmod(path, want)
-        ino.record, ino.record_loaded = rec, True
+        if stat.S_IMODE(st.st_mode) == want:
+            return False
+        os.chmod(ino.path, want)
+        return True
 
     def _materialize(self, ino: Inode, st: os.stat_result) -> os.stat_result:
         """Turn a host-made symlink, FIFO, socket or device node — which cannot
@@ -425,6 +507,7 @@ class PassthroughFs:
             # a new host inode, with nothing but its record
             self._xgen += 1
             ino.xabsent = self._new_xabsent
+            ino.seen_ctime = None
         ino.record, ino.record_loaded = rec, True
         log.info("inode %d: host %s %r now stored as a file with a record (guest changed it)",
                  ino.nodeid, stat.filemode(st.st_mode)[0], where.decode(errors="replace"))
@@ -673,10 +756,12 @@ class PassthroughFs:
         self._check_writable()
         ino = self._inode(nodeid)
         owner = ch.mode is not None or ch.uid is not None or ch.gid is not None or ch.kill_suidgid
+        new = None  # the record written, if any
         with ino.lock:
-            # host fields are only needed to truncate or to rewrite the
-            # record, not for a utimens alone (tar's most frequent SETATTR)
-            st = os.fstat(ino.fd) if owner or ch.size is not None else None
+            # Host fields before the change are only needed to truncate, and
+            # to chown a node without a record of its own; a node with one
+            # (most of them: the guest chowns what it made) goes by its record.
+            st = os.fstat(ino.fd) if ch.size is not None else None
             if ch.size is not None:
                 rec = self._effective(ino, st)
                 if stat.S_ISDIR(rec.mode):
@@ -689,21 +774,34 @@ class PassthroughFs:
                 else:
                     os.truncate(ino.path, ch.size)
             if owner:
-                old = self._effective(ino, st)
-                new = old.with_owner(ch.uid, ch.gid)
+                old = ino.record if ino.record_loaded else None
+                if old is None:
+                    if st is None:
+                        st = os.fstat(ino.fd)
+                    old = self._effective(ino, st)
+                rec = old.with_owner(ch.uid, ch.gid)
                 if ch.mode is not None:
-                    new = new.with_mode(ch.mode)
+                    rec = rec.with_mode(ch.mode)
                 if ch.kill_suidgid:
-                    new = new.without_suid_sgid()
-                    if self._caps not in ino.xabsent:
-                        self._xremove_quiet(ino, self._caps, st)
-                if new != old or self._load_record(ino, st) is None:
-                    self._store_record(ino, new, st)
+                    rec = rec.without_suid_sgid()
+                    if self._caps not in ino.xabsent and (
+                            st is None or stat.S_IFMT(st.st_mode) in _HOST_RECORD_TYPES):
+                        self._xremove(ino, self._caps)
+                if rec != old or ino.record is None:
+                    self._store_record(ino, rec, st)
+                    new = rec
                 if ch.mode is not None and self.posix_acl:
-                    self._chmod_acl(ino, new.mode)
+                    self._chmod_acl(ino, rec.mode)
             if ch.atime_ns is not None or ch.mtime_ns is not None:
                 self._utimens(ino, ch.atime_ns, ch.mtime_ns)
-            return self._attr(ino)
+            st = os.fstat(ino.fd)
+            if new is not None:
+                if self._fix_host_mode(ino, new, st):
+                    st = os.fstat(ino.fd)
+                # the record is this daemon's, and the host inode has changed
+                # only by this request since it was written (µs ago)
+                ino.seen_ctime = self._seen(st.st_ctime_ns)
+            return self._attr(ino, st)
 
     @staticmethod
     def _utimens(ino: Inode, atime_ns: int | str | None, mtime_ns: int | str | None) -> None:

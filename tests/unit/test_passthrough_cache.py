@@ -99,6 +99,93 @@ def test_absence_is_learned_once_per_live_node(fs, share, calls):
     assert fs.getxattr(CTX, e.nodeid, pa.ACCESS) == ACL
 
 
+def test_a_forgotten_node_looked_up_again_needs_no_record_read(fs, share, calls):
+    host_file(share, "h")
+    e = fs.lookup(CTX, 1, b"h")
+    assert enodata(fs, e.nodeid, pa.ACCESS)
+    fs.forget(e.nodeid, 1)
+    calls.clear()
+    again = fs.lookup(CTX, 1, b"h")
+    assert again.nodeid != e.nodeid
+    assert (again.attr.uid, again.attr.gid, again.attr.mode) == (1000, 1000, 0o100644)
+    assert enodata(fs, again.nodeid, pa.ACCESS)    # the known absence came back too
+    assert calls["getxattr"] == 0
+
+
+def test_a_record_the_guest_wrote_survives_the_forget(fs, share, calls):
+    host_file(share, "h")
+    e = fs.lookup(CTX, 1, b"h")
+    fs.setattr(CTX, e.nodeid, SetAttr(uid=7, gid=8, mode=0o640))
+    fs.forget(e.nodeid, 1)
+    calls.clear()
+    again = fs.lookup(CTX, 1, b"h")
+    assert (again.attr.uid, again.attr.gid, again.attr.mode) == (7, 8, 0o100640)
+    assert calls["getxattr"] == 0
+
+
+NEW = ownership.encode(ownership.Record(42, 43, 0o100600))
+
+
+@pytest.mark.parametrize("when", ["while live", "after the forget"])
+@pytest.mark.parametrize("edit", ["record", "mode", "data", "replaced"])
+def test_any_host_change_makes_a_forgotten_node_read_its_record_again(fs, share, when, edit):
+    p = host_file(share, "h")
+    e = fs.lookup(CTX, 1, b"h")
+
+    def change():
+        if edit == "record":
+            os.setxattr(p, "user.o", NEW)
+        elif edit == "mode":             # a change that leaves the record alone
+            os.chmod(p, 0o604)
+            os.setxattr(p, "user.o", NEW)
+            os.chmod(p, 0o644)
+        elif edit == "data":
+            os.setxattr(p, "user.o", NEW)
+            p.write_bytes(b"more")
+        else:                            # a new inode under the name
+            host_file(share, "h.new", ownership.Record(42, 43, 0o100600))
+            os.rename(share / "h.new", p)
+    if when == "while live":
+        change()
+        # later looks at the node bless nothing: a GETATTR, a chown to the
+        # owner it has (no record written), a utimens
+        fs.getattr(CTX, e.nodeid, None)
+        fs.setattr(CTX, e.nodeid, SetAttr(uid=1000, gid=1000))
+        fs.setattr(CTX, e.nodeid, SetAttr(atime_ns=NOW, mtime_ns=NOW))
+        fs.forget(e.nodeid, 1)
+    else:
+        fs.forget(e.nodeid, 1)
+        change()
+    a = fs.lookup(CTX, 1, b"h").attr
+    assert (a.uid, a.gid, a.mode) == (42, 43, 0o100600)
+
+
+def test_coarse_timestamps_do_not_trust_a_recent_ctime(fs, share, calls):
+    fs._fine_ctime = False               # as on a filesystem without multigrain ctime
+    host_file(share, "h")                # changed just now
+    fs.forget(fs.lookup(CTX, 1, b"h").nodeid, 1)
+    calls.clear()
+    fs.forget(fs.lookup(CTX, 1, b"h").nodeid, 1)
+    assert calls["getxattr"] == 1
+    os.utime(share / "h", ns=(0, 0))     # (utime moves ctime to now too)
+    st = os.stat(share / "h")
+    assert fs._seen(st.st_ctime_ns - 10**9) is not None
+    assert fs._seen(st.st_ctime_ns) is None
+
+
+def test_the_forgotten_records_are_bounded_and_dropped_at_unmount(fs, share, monkeypatch):
+    monkeypatch.setattr("vfsd.passthrough._MAX_FORGOTTEN", 3)
+    for n in "abcde":
+        host_file(share, n)
+        fs.forget(fs.lookup(CTX, 1, n.encode()).nodeid, 1)
+    keys = [(os.stat(share / n).st_dev, os.stat(share / n).st_ino) for n in "cde"]
+    assert list(fs._forgotten) == keys   # the oldest went first
+    fs.lookup(CTX, 1, b"d")
+    assert len(fs._forgotten) == 2       # taken by the live node again
+    fs.destroy()
+    assert not fs._forgotten
+
+
 def test_plain_user_xattrs_are_never_remembered_absent(fs, share):
     p = host_file(share, "h")
     e = fs.lookup(CTX, 1, b"h")
@@ -261,3 +348,20 @@ def test_open_create_and_lookup_replies(fs, share):
     o2 = fs.open(CTX, e.nodeid, os.O_RDONLY)
     buf = bytearray(3)
     assert fs.read(CTX, e.nodeid, o2.fh, 0, [buf]) == 3 and buf == b"abc"
+
+
+@pytest.mark.parametrize("host_chmod", [None, 0o640])
+def test_the_host_mode_follows_the_record_a_setattr_writes(fs, share, host_chmod):
+    """The host inode's mode comes from the record (ownership.host_mode_for); a
+    node with a record of its own is chowned without an fstat first, so the mode
+    is checked from the one after."""
+    p = host_file(share, "h")
+    os.chmod(p, 0o644)
+    e = fs.lookup(CTX, 1, b"h")
+    if host_chmod is not None:
+        os.chmod(p, host_chmod)          # behind the daemon's back
+    a = fs.setattr(CTX, e.nodeid, SetAttr(mode=0o751))
+    assert a.mode == 0o100751 and stat.S_IMODE(os.stat(p).st_mode) == 0o751
+    a = fs.setattr(CTX, e.nodeid, SetAttr(uid=5, mode=0o700))
+    assert (a.uid, a.mode) == (5, 0o100700) and stat.S_IMODE(os.stat(p).st_mode) == 0o700
+    assert a.ctime_ns == os.stat(p).st_ctime_ns   # the reply shows the host after the chmod

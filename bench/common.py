@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +21,8 @@ from tests.daemon import Daemon
 
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The C virtiofsd QEMU 7.2 ships (Debian: qemu-system-common), the reference daemon.
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
 # Runs vfsd.cli.main with a cProfile.Profile in every thread but the main one: `python -m
 # cProfile` only sees the main thread, which in vfsd only reads vhost-user control messages -
@@ -164,6 +168,86 @@ class BenchDaemon:
 
     def log_tail(self, n: int = 40) -> str:
         return self.d.log_tail(n)
+
+
+class CVirtiofsd:
+    """The C virtiofsd serving `share` on `workdir/virtiofsd.sock` (as root, its defaults but
+    `-o cache=auto`, as vfsd's): the reference the benchmarks compare with.  It serves from a
+    sandboxed child process, so its CPU is the whole session's (`session_cpu_seconds`)."""
+
+    def __init__(self, workdir: Path, share: Path, args: list[str] | tuple[str, ...] = ()):
+        self.socket_path = workdir / "virtiofsd.sock"
+        self.log_path = workdir / "virtiofsd.log"
+        self.argv = [VIRTIOFSD, f"--socket-path={self.socket_path}", "-o", f"source={share}",
+                     "-o", "cache=auto", *args]
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def available() -> str | None:
+        """None if it can run here, else why not."""
+        if not os.access(VIRTIOFSD, os.X_OK):
+            return f"{VIRTIOFSD} missing (apt-get install qemu-system-common)"
+        if os.geteuid() != 0:
+            return "the C virtiofsd needs root"
+        return None
+
+    def __enter__(self) -> "CVirtiofsd":
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not self.socket_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("virtiofsd did not start: " + self.log_tail())
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return session_cpu_seconds(self.proc.pid)
+
+    def wait_exit(self, timeout: float = 30.0) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return None if self.proc is None else self.proc.returncode
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """utime + stime of every living process in session `sid` (a daemon and its children)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def cpu_seconds(pid: int) -> float:

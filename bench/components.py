@@ -185,7 +185,6 @@ def main(argv: list[str]) -> int:
                 return [bufs[i][off:off + length]]
             return gmem.views(gpa, length)
         rec_bytes = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
-        rec_struct = struct.Struct("<BBHIIIII")
         interned: dict = {}
 
         def interned_decode(b=rec_bytes):

@@ -38,19 +38,17 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
-from .common import BenchDaemon, fmt_table, make_workdir, note
+from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
+                     session_cpu_seconds)
 from .tarball import make_tarball
 
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
 PHASES = [("create", "create N small files"), ("stat", "stat N files by name*"),
           ("ls", "ls -ln the N files*"), ("rm_small", "rm the N files"),
@@ -214,18 +212,7 @@ class SessionCpu:
         self._t.start()
 
     def _sample(self) -> float:
-        total = 0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == self.sid:
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+        return session_cpu_seconds(self.sid)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
@@ -270,33 +257,13 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
             if r.status != 0:
                 r.daemon_log = d.d.log_text()
     elif backend == "virtiofsd":
-        sock = workdir / "virtiofsd.sock"
-        log = open(workdir / "virtiofsd.log", "wb")
-        proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}",
-                                 "-o", "cache=auto", *virtiofsd_args],
-                                stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 20
-            while not sock.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("virtiofsd did not start: "
-                                       + (workdir / "virtiofsd.log").read_text()[-2000:])
-                time.sleep(0.05)
-            mon = SessionCpu(proc.pid)
-            r = run_guest(script, socket_path=sock, **common)
+        with CVirtiofsd(workdir, share, virtiofsd_args) as d:
+            mon = SessionCpu(d.pid)
+            r = run_guest(script, socket_path=d.socket_path, **common)
             info["daemon_cpu"] = round(mon.stop(), 2)
-            try:
-                info["daemon_exit"] = proc.wait(20)
-            except subprocess.TimeoutExpired:
-                info["daemon_exit"] = None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
+            info["daemon_exit"] = d.wait_exit(20)
         if r.status != 0:
-            r.daemon_log = (workdir / "virtiofsd.log").read_text(errors="replace")
+            r.daemon_log = d.log_path.read_text(errors="replace")
     elif backend == "9p":
         r = run_guest(script, extra_qemu_args=[
             "-virtfs", f"local,path={share},mount_tag=t9,security_model=mapped-xattr"],

@@ -21,13 +21,14 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from protocol import fuse
 from tests.frontend import Buffer
 from vfsd import ownership
 
 from . import client as C
-from .common import BenchDaemon, cpu_seconds, fmt_table, make_workdir, note
+from .common import BenchDaemon, CVirtiofsd, cpu_seconds, fmt_table, make_workdir, note
 
 RECORD = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
 DIR_RECORD = ownership.encode(ownership.Record(1000, 1000, 0o40755), name=b"user.o")
@@ -96,8 +97,12 @@ def make_share(share: Path, nfiles: int, big: int) -> None:
 
 class Bench:
     def __init__(self, sess: C.Session, pid: int, depth: int, min_time: float, nfiles: int,
-                 big: int, queue: int = 1):
+                 big: int, queue: int = 1, cpu: Callable[[], float] | None = None,
+                 share: Path | None = None):
         self.sess, self.pid, self.depth, self.min_time = sess, pid, depth, min_time
+        # the daemon's CPU seconds so far (the C virtiofsd's are its session's)
+        self.cpu = cpu or (lambda: cpu_seconds(pid))
+        self.share = share
         self.nfiles, self.big = nfiles, big
         self.pipe = sess.pipe(queue, depth, in_cap=1024, out_cap=4096 + 512)
         c = sess.client
@@ -109,11 +114,11 @@ class Bench:
 
     # one measured step: returns Figure for what it did (time and CPU around it only)
     def _timed(self, fn) -> Figure:
-        c0 = cpu_seconds(self.pid)
+        c0 = self.cpu()
         t0 = time.perf_counter()
         ops, reqs, nbytes = fn()
         t1 = time.perf_counter()
-        return Figure(ops, reqs, t1 - t0, cpu_seconds(self.pid) - c0, nbytes)
+        return Figure(ops, reqs, t1 - t0, self.cpu() - c0, nbytes)
 
     def _loop(self, step, untimed=None, min_time: float | None = None) -> Figure:
         total = Figure()
@@ -152,8 +157,17 @@ class Bench:
         return self._loop(step)
 
     def lookup_new(self) -> Figure:
+        """LOOKUP of nodes that are not live, whose inodes changed since they were forgotten
+        (the daemon must read the record)."""
+        return self._lookup_forgotten(touch=True)
+
+    def lookup_again(self) -> Figure:
+        """LOOKUP of forgotten nodes that did not change (vfsd kept their record)."""
+        return self._lookup_forgotten(touch=False)
+
+    def _lookup_forgotten(self, touch: bool) -> Figure:
         chunk = 1000
-        state = {"nodes": []}
+        state = {"nodes": [], "names": []}
 
         def step():
             i = self._ctr % self.nfiles
@@ -162,11 +176,19 @@ class Bench:
             res = self._batches([C.lookup(self.files_node, nm) for nm in names], True)
             self._ok(res)
             state["nodes"] = [C.entry_nodeid(p) for _, p in res]
+            state["names"] = names
             return chunk, chunk, 0
 
         def forget():
             # each node was looked up once in this step (chunk <= nfiles): forget them all
             self.forget([(n, 1) for n in state["nodes"]])
+            if touch:  # a host-side change: the inode's ctime moves
+                dfd = os.open(self.share / "files", os.O_PATH | os.O_DIRECTORY)
+                try:
+                    for nm in state["names"]:
+                        os.utime(nm, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
         return self._loop(step, forget)
 
     def lookup_live(self) -> Figure:
@@ -191,6 +213,23 @@ class Bench:
 
         def step():
             self._ok(self._batches([C.getattr_(nodes[k % 16]) for k in range(n)]))
+            return n, n, 0
+        f = self._loop(step)
+        self.forget([(x, 1) for x in nodes])
+        return f
+
+    def chown(self) -> Figure:
+        """SETATTR uid+gid of live nodes, each time to another owner (chown -R)."""
+        n = 256
+        res = self._batches([C.lookup(self.files_node, nm) for nm in self.names[:16]], True)
+        nodes = [C.entry_nodeid(p) for _, p in res]
+        turn = [0]
+
+        def step():
+            turn[0] += 1
+            owner = 2000 + turn[0] % 2
+            self._ok(self._batches([C.setattr_owner(nodes[k % 16], owner, owner)
+                                    for k in range(n)]))
             return n, n, 0
         f = self._loop(step)
         self.forget([(x, 1) for x in nodes])
@@ -300,8 +339,11 @@ class Bench:
 FUSE_OPS = [  # key, label, method, unit
     ("enosys", "round trip (ENOSYS: decode+dispatch+reply)", "enosys", "req/s"),
     ("lookup_new", "LOOKUP, new node (reads the record)", "lookup_new", "req/s"),
+    ("lookup_again", "LOOKUP, forgotten node, unchanged (record kept)", "lookup_again",
+     "req/s"),
     ("lookup_live", "LOOKUP, node already live", "lookup_live", "req/s"),
     ("getattr", "GETATTR", "getattr", "req/s"),
+    ("chown", "SETATTR uid,gid (chown)", "chown", "req/s"),
     ("create", "CREATE+SETATTR(uid,gid)+RELEASE", "create_setattr", "files/s"),
     ("read4k", "READ 4 KiB", "read4k", "req/s"),
     ("read1m", "READ 1 MiB", "read1m", "MB/s"),
@@ -333,7 +375,7 @@ def direct(share: Path, key: str, min_time: float, nfiles: int, big: int) -> dic
         return f
 
     try:
-        if key in ("lookup_new", "lookup_live"):
+        if key in ("lookup_new", "lookup_live", "lookup_again"):
             def plain(n):
                 for i in range(n):
                     os.stat(names[i % nfiles], dir_fd=dfd, follow_symlinks=False)
@@ -363,6 +405,23 @@ def direct(share: Path, key: str, min_time: float, nfiles: int, big: int) -> dic
             out["plain"] = loop(plain)
             out["vfsd"] = out["plain"]
             os.close(fd)
+        elif key == "chown":
+            fd = os.open(names[0], os.O_PATH | os.O_NOFOLLOW, dir_fd=dfd)
+            turn = [0]
+
+            def plain(n):
+                for _ in range(n):
+                    turn[0] += 1
+                    os.chown(names[0], 2000 + turn[0] % 2, 2000 + turn[0] % 2, dir_fd=dfd,
+                             follow_symlinks=False)
+
+            def vfsd(n):
+                for _ in range(n):   # passthrough.setattr of a node whose record is known
+                    os.setxattr(_proc(fd), "user.o", RECORD)
+                    os.fstat(fd)
+            out["plain"] = loop(plain)
+            out["vfsd"] = loop(vfsd)
+            os.close(fd)
         elif key == "create":
             nd = os.open(share / "new", os.O_PATH | os.O_DIRECTORY)
             ctr = [0]
@@ -379,28 +438,20 @@ def direct(share: Path, key: str, min_time: float, nfiles: int, big: int) -> dic
 
             def vfsd(n):
                 # passthrough.create + setattr(uid, gid) + release, syscall for syscall
+                # (defaults: no ACLs; the parent's record is known, the umask strips
+                # nothing, the creating fd is the handle, the new node's record is known)
                 for _ in range(n):
                     nm = b"v%08d" % ctr[0]
                     ctr[0] += 1
-                    os.fstat(nd)                                   # _new_record: parent
-                    try:                                           # parent's default ACL
-                        os.getxattr(_proc(nd), "user.o.posix_acl_default")
-                    except OSError:
-                        pass
-                    fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                    fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644,
                                  dir_fd=nd)
-                    os.fchmod(fd, 0o644)
                     os.setxattr(fd, "user.o", RECORD)
                     _linkat(fd, nd, nm)
                     pfd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)   # _adopt_new
-                    os.fstat(pfd)
-                    hfd = os.open(_proc(fd), os.O_RDWR | os.O_CLOEXEC)   # guest's flags
-                    os.close(fd)
-                    os.fstat(pfd)                                  # _entry -> _attr
-                    os.fstat(pfd)                                  # SETATTR
-                    os.setxattr(_proc(pfd), "user.o", RECORD)      # _store_record
+                    os.fstat(pfd)                                  # serves the reply too
+                    os.setxattr(_proc(pfd), "user.o", RECORD)      # SETATTR: _store_record
                     os.fstat(pfd)                                  # reply attr
-                    os.close(hfd)                                  # RELEASE
+                    os.close(fd)                                   # RELEASE
                     os.close(pfd)                                  # FORGET
                     made.append(nm)
             out["plain"] = loop(plain, 128)
@@ -462,15 +513,20 @@ def _linkat(fd: int, dirfd: int, name: bytes) -> None:
 
 def run_fuse(workdir: Path, share: Path, *, args=(), depth: int, min_time: float,
              nfiles: int, big: int, ops: list[str], queues: int = 1,
-             profile: Path | None = None, source_root: Path | None = None
-             ) -> dict[str, Figure]:
+             profile: Path | None = None, source_root: Path | None = None,
+             reference: bool = False) -> dict[str, Figure]:
     """One daemon; every op in `ops` at `depth`.  With queues=2, each op runs on both request
-    queues at once (one frontend thread per queue) and the figures are summed."""
+    queues at once (one frontend thread per queue) and the figures are summed.  `reference`:
+    the C virtiofsd instead of vfsd (`args` are then its options)."""
     results: dict[str, Figure] = {}
-    with BenchDaemon(workdir, share, args, profile=profile, source_root=source_root) as d:
+    daemon = (CVirtiofsd(workdir, share, args) if reference else
+              BenchDaemon(workdir, share, args, profile=profile, source_root=source_root))
+    with daemon as d:
+        cpu = d.cpu_seconds if reference else (lambda: cpu_seconds(d.pid))
         sess = C.Session(d.socket_path, request_queues=queues)
         try:
-            benches = [Bench(sess, d.pid, depth, min_time, nfiles, big, queue=q + 1)
+            benches = [Bench(sess, d.pid, depth, min_time, nfiles, big, queue=q + 1, cpu=cpu,
+                             share=share)
                        for q in range(queues)]
             for key, _label, meth, _unit in FUSE_OPS:
                 if key not in ops:
@@ -485,24 +541,25 @@ def run_fuse(workdir: Path, share: Path, *, args=(), depth: int, min_time: float
                         figs[i] = getattr(benches[i], meth)()
                     except BaseException as e:  # noqa: BLE001
                         figs[i] = e
-                c0, t0 = cpu_seconds(d.pid), time.perf_counter()
+                c0, t0 = cpu(), time.perf_counter()
                 ts = [threading.Thread(target=work, args=(i,)) for i in range(queues)]
                 for t in ts:
                     t.start()
                 for t in ts:
                     t.join()
-                wall, cpu = time.perf_counter() - t0, cpu_seconds(d.pid) - c0
+                wall, used = time.perf_counter() - t0, cpu() - c0
                 for f in figs:
                     if isinstance(f, BaseException):
                         raise f
                 total = Figure(sum(f.ops for f in figs), sum(f.requests for f in figs),
-                               wall, cpu, sum(f.bytes for f in figs))
+                               wall, used, sum(f.bytes for f in figs))
                 results[key] = total
         finally:
             sess.close()
         rc = d.wait_exit(30)
         if rc != 0:
-            note(f"vfsd exit status {rc} after disconnect\n{d.log_tail()}")
+            name = "virtiofsd" if reference else "vfsd"
+            note(f"{name} exit status {rc} after disconnect\n{d.log_tail()}")
     return results
 
 
@@ -521,8 +578,13 @@ def main(argv: list[str]) -> int:
                         "this checkout) side by side, at depth --depth, alternating --rounds "
                         "times; medians of rate and daemon CPU per request")
     p.add_argument("--rounds", type=int, default=3, help="rounds for --compare (3)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run the FUSE ops against the C virtiofsd (as root, -o cache=auto) "
+                        "and print the two daemons side by side")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     a = p.parse_args(argv)
+    if a.reference and CVirtiofsd.available():
+        p.error(f"--reference: {CVirtiofsd.available()}")
     if a.compare:
         return compare(a.compare.split(","), a.rounds, a.depth, a.time or (0.4 if a.quick
                                                                               else 1.0),
@@ -544,6 +606,14 @@ def main(argv: list[str]) -> int:
         note("micro: direct syscalls")
         dr = {k: direct(share, k, min_time, a.files, big) for k in keys if k != "enosys"}
         print(report_main(d1, dn, dr, a.depth))
+        ref = {}
+        if a.reference:
+            note(f"micro: the C virtiofsd, at depth 1 and at depth {a.depth}")
+            ref = {depth: run_fuse(workdir, share, depth=depth, min_time=min_time,
+                                   nfiles=a.files, big=big, ops=keys, reference=True)
+                   for depth in (1, a.depth)}
+            print()
+            print(report_reference(d1, dn, ref[1], ref[a.depth], a.depth))
         variants = {}
         if not a.no_variants:
             vops = ["enosys", "getattr", "lookup_new", "read4k", "read1m"]
@@ -558,7 +628,8 @@ def main(argv: list[str]) -> int:
             print()
             print(report_variants(variants, a.depth))
         if a.json:
-            dump = {"depth1": d1, "depthN": dn, "direct": dr, "variants": variants}
+            dump = {"depth1": d1, "depthN": dn, "direct": dr, "variants": variants,
+                    "virtiofsd": ref}
             Path(a.json).write_text(json.dumps(dump, default=_jsonable, indent=1))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -633,6 +704,23 @@ def report_main(d1, dn, dr, depth: int) -> str:
            f"plain / vfsd d={depth}"]
     return ("Host microbenchmark (Python frontend -> vfsd, no VM; direct = same op by "
             "syscalls in one Python process)\n" + fmt_table(hdr, rows))
+
+
+def report_reference(d1, dn, r1, rn, depth: int) -> str:
+    """vfsd next to the C virtiofsd, same frontend, same share, same requests."""
+    rows = []
+    for key, label, _m, unit in FUSE_OPS:
+        a, b, ra, rb = d1.get(key), dn.get(key), r1.get(key), rn.get(key)
+        if a is None or ra is None:
+            continue
+        rows.append([label, a.us_per_op, ra.us_per_op, f"{a.us_per_op / ra.us_per_op:.2f}x",
+                     a.cpu_us_per_req, ra.cpu_us_per_req,
+                     b.cpu_us_per_req if b else None, rb.cpu_us_per_req if rb else None])
+    hdr = ["operation", "µs/op d=1: vfsd", "virtiofsd", "vfsd / virtiofsd",
+           "daemon CPU µs/req d=1: vfsd", "virtiofsd", f"d={depth}: vfsd", "virtiofsd"]
+    return ("vfsd next to the C virtiofsd (the same frontend, share and requests; virtiofsd "
+            "as root, -o cache=auto; its CPU is its whole session's)\n"
+            + fmt_table(hdr, rows))
 
 
 def report_variants(variants: dict, depth: int) -> str:

@@ -186,7 +186,7 @@ def _py_spy(workdir, op, label, depth, min_time, nfiles, big, keep) -> None:
     out = workdir / f"{op}.folded"
     with BenchDaemon(workdir, workdir / "share") as d:
         sess = C.Session(d.socket_path)
-        b = micro.Bench(sess, d.pid, depth, min_time, nfiles, big)
+        b = micro.Bench(sess, d.pid, depth, min_time, nfiles, big, share=workdir / "share")
         proc = subprocess.Popen([spy, "record", "--pid", str(d.pid), "--rate", "500",
                                  "--format", "raw", "--output", str(out), "--nonblocking",
                                  "--threads"], stdout=subprocess.DEVNULL,

@@ -787,7 +787,9 @@ class PassthroughFs:
                     if self._caps not in ino.xabsent and (
                             st is None or stat.S_IFMT(st.st_mode) in _HOST_RECORD_TYPES):
                         self._xremove(ino, self._caps)
-                if rec != old or ino.record is None:
+                # (records are interned: the same owner and mode is most often
+                # the same object, which spares the field-by-field compare)
+                if (rec is not old and rec != old) or ino.record is None:
                     self._store_record(ino, rec, st)
                     new = rec
                 if ch.mode is not None and self.posix_acl:

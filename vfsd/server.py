@@ -453,34 +453,36 @@ class FuseServer:
     def _getattr(self, ctx, nodeid, reader, writer) -> bytes:
         fh = None
         if reader.remaining >= fuse.fuse_getattr_in.size:
-            arg = fuse.fuse_getattr_in.unpack(reader.read(fuse.fuse_getattr_in.size))
-            if arg.getattr_flags & fuse.GETATTR_FH:
-                fh = arg.fh
+            flags, _, afh = fuse.fuse_getattr_in.flat_unpack(
+                reader.read(fuse.fuse_getattr_in.size))
+            if flags & fuse.GETATTR_FH:
+                fh = afh
         return self._attr_out(self.fs.getattr(ctx, nodeid, fh))
 
     def _setattr(self, ctx, nodeid, reader, writer) -> bytes:
-        a = fuse.fuse_setattr_in.unpack(reader.read(fuse.fuse_setattr_in.size))
+        # fuse_setattr_in as a plain tuple: tar and chown -R send thousands
+        (v, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
+         _) = fuse.fuse_setattr_in.flat_unpack(reader.read(fuse.fuse_setattr_in.size))
         V = _V
-        v = a.valid
-
-        def when(bit, now_bit, sec, nsec):
-            if not v & bit:
-                return None
-            return NOW if v & now_bit else _s64(sec) * 1_000_000_000 + nsec
-
+        if v & V.ATIME:
+            atime = NOW if v & V.ATIME_NOW else _s64(atime) * 1_000_000_000 + atimensec
+        else:
+            atime = None
+        if v & V.MTIME:
+            mtime = NOW if v & V.MTIME_NOW else _s64(mtime) * 1_000_000_000 + mtimensec
+        else:
+            mtime = None
         changes = SetAttr(
-            mode=a.mode & 0o7777 if v & V.MODE else None,
-            uid=a.uid if v & V.UID else None,
-            gid=a.gid if v & V.GID else None,
-            size=a.size if v & V.SIZE else None,
-            atime_ns=when(V.ATIME, V.ATIME_NOW, a.atime, a.atimensec),
-            mtime_ns=when(V.MTIME, V.MTIME_NOW, a.mtime, a.mtimensec),
-            fh=a.fh if v & V.FH else None,
+            mode & 0o7777 if v & V.MODE else None,
+            uid if v & V.UID else None,
+            gid if v & V.GID else None,
+            size if v & V.SIZE else None,
+            atime, mtime,
+            fh if v & V.FH else None,
             # HANDLE_KILLPRIV_V2: the server clears suid/sgid/caps on chown
             # itself, and on truncate when the kernel flags it.
-            kill_suidgid=bool(v & V.KILL_SUIDGID) or bool(
-                self.flags & _F.HANDLE_KILLPRIV_V2 and v & (V.UID | V.GID)),
-        )
+            bool(v & V.KILL_SUIDGID) or bool(
+                self.flags & _F.HANDLE_KILLPRIV_V2 and v & (V.UID | V.GID)))
         return self._attr_out(self.fs.setattr(ctx, nodeid, changes))
 
     def _readlink(self, ctx, nodeid, reader, writer) -> bytes:
@@ -582,7 +584,7 @@ class FuseServer:
         kill = bool(a.write_flags & fuse.WRITE_KILL_SUIDGID)
         n = self.fs.write(ctx, nodeid, a.fh, a.offset, views, kill_suidgid=kill,
                           kill_caps=kill or self._server_kills_caps())
-        return fuse.fuse_write_out.pack(size=n)
+        return fuse.fuse_write_out.flat_pack(n, 0)  # size, padding
 
     def _release(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_release_in.unpack(reader.read(fuse.fuse_release_in.size))

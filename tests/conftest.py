@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,16 +9,11 @@ import pytest
 
 @pytest.fixture
 def vfsd_workdir() -> Path:
-    """A fresh directory that the unprivileged daemon user can reach (pytest's tmp_path lives
-    under a 0700 directory): put shared directories and sockets for tests.daemon.Daemon here.
-    Removed afterwards unless VFSD_TEST_KEEP=1."""
-    d = Path(tempfile.mkdtemp(prefix="vfsd-test-"))
-    os.chmod(d, 0o711)
-    yield d
-    if os.environ.get("VFSD_TEST_KEEP", "") in ("", "0"):
-        shutil.rmtree(d, ignore_errors=True)
-    else:
-        print(f"\nkept {d}")
+    """tests.daemon.workdir(): where shared directories and sockets for Daemon go."""
+    from tests.daemon import workdir
+
+    with workdir() as d:
+        yield d
 
 
 @pytest.fixture

@@ -24,10 +24,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def workdir(prefix: str = "vfsd-test-") -> Iterator[Path]:
+    """A fresh directory that the unprivileged daemon user (and libvirt's QEMU user) can
+    reach (pytest's tmp_path lives under a 0700 directory): put shared directories and
+    sockets here.  Removed afterwards unless VFSD_TEST_KEEP=1."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(d, 0o711)
+    try:
+        yield d
+    finally:
+        if os.environ.get("VFSD_TEST_KEEP", "") in ("", "0"):
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            print(f"\nkept {d}")
 TEST_USER = "vfsd-test"
 PACKAGES = ("vfsd", "protocol")
 FALLBACK_PYTHON = "/usr/bin/python3"

@@ -8,15 +8,13 @@ is missing.  Fixtures:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.vm.guest import GuestResult, guest_requirements, run_guest
+from tests.vm.guest import GuestResult, require_guest, run_guest
 
 _HERE = Path(__file__).resolve().parent
-_missing: list[str] | None = None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,14 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _require_guest_tools():
-    global _missing
-    if _missing is None:
-        _missing = guest_requirements()
-    if _missing:
-        why = "cannot boot test guests: " + "; ".join(_missing)
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why + " (CI must run the VM tests; run tools/setup first)")
-        pytest.skip(why)
+    require_guest()
 
 
 @pytest.fixture

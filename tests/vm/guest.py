@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -926,6 +927,24 @@ def parse_console(raw: bytes) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # running QEMU
+
+
+def require_guest() -> None:
+    """Skip the calling test (or fixture) when no test guest can boot here; under CI, fail
+    instead: CI must run the VM tests."""
+    import pytest
+
+    missing = _missing_once()
+    if missing:
+        why = "cannot boot test guests: " + "; ".join(missing)
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why + " (CI must run the VM tests; run tools/setup first)")
+        pytest.skip(why)
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_once() -> tuple[str, ...]:
+    return tuple(guest_requirements())
 
 
 def guest_requirements() -> list[str]:

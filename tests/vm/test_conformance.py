@@ -25,13 +25,12 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon
-from tests.vm.guest import extra_modules, guest_requirements, run_guest
+from tests.daemon import Daemon, workdir
+from tests.vm.guest import extra_modules, require_guest, run_guest
 
 SUITE = Path(__file__).resolve().parent / "conformance" / "posix_suite.py"
 BEGIN, END = "@@CONF-BEGIN@@", "@@CONF-END@@"
@@ -192,42 +191,37 @@ def compare(vfsd: dict, ref: dict, allowed_extra: dict) -> tuple[list[str], list
 @pytest.fixture(scope="module")
 def conformance_run():
     """One boot: the suite on every TARGETS share and on the guest's ext4 disk."""
-    missing = guest_requirements()
-    if missing:
-        pytest.skip("cannot boot test guests: " + "; ".join(missing))
-    work = Path(tempfile.mkdtemp(prefix="vfsd-test-"))
-    os.chmod(work, 0o711)
+    require_guest()
     daemons: dict[str, Daemon] = {}
-    try:
-        image = work / "ref-ext4.img"
-        make_ext4(image)
-        for i, (name, (_m, _t, args, _a)) in enumerate(TARGETS.items()):
-            daemons[name] = Daemon(work / f"share{i}", work / f"run{i}" / "vfsd.sock",
-                                   extra_args=args).start()
-        qemu_args = ["-drive", f"file={image},if=virtio,format=raw"]
-        for i, (name, (mnt, tag, _args, _a)) in enumerate(TARGETS.items()):
-            if mnt != "/mnt":
-                path = str(daemons[name].socket_path).replace(",", ",,")
-                qemu_args += ["-chardev", f"socket,id=vfsx{i},path={path}",
-                              "-device", f"vhost-user-fs-pci,chardev=vfsx{i},tag={tag}"]
-        script, files = guest_script(os.environ.get("VFSD_CONFORMANCE_ONLY"))  # "acl,mmap"
-        r = run_guest(script, socket_path=daemons["vfsd"].socket_path, python=True,
-                      files=files, extra_qemu_args=qemu_args, timeout=400)
-        for d in daemons.values():
-            d.stop()
-        results = {name: section(r.output, name) for name in [*TARGETS, "ext4"]}
-        dump = os.environ.get("VFSD_CONFORMANCE_DUMP")     # a directory: keep the results
-        if dump:
-            os.makedirs(dump, exist_ok=True)
-            for name, (_rc, doc) in results.items():
-                with open(os.path.join(dump, f"{name}.json"), "w") as f:
-                    json.dump(doc, f, indent=1, sort_keys=True)
-        yield daemons, r, results
-    finally:
-        for d in daemons.values():
-            d.stop()
-        if os.environ.get("VFSD_TEST_KEEP", "") in ("", "0"):
-            shutil.rmtree(work, ignore_errors=True)
+    with workdir() as work:
+        try:
+            image = work / "ref-ext4.img"
+            make_ext4(image)
+            for i, (name, (_m, _t, args, _a)) in enumerate(TARGETS.items()):
+                daemons[name] = Daemon(work / f"share{i}", work / f"run{i}" / "vfsd.sock",
+                                       extra_args=args).start()
+            qemu_args = ["-drive", f"file={image},if=virtio,format=raw"]
+            for i, (name, (mnt, tag, _args, _a)) in enumerate(TARGETS.items()):
+                if mnt != "/mnt":
+                    path = str(daemons[name].socket_path).replace(",", ",,")
+                    qemu_args += ["-chardev", f"socket,id=vfsx{i},path={path}",
+                                  "-device", f"vhost-user-fs-pci,chardev=vfsx{i},tag={tag}"]
+            script, files = guest_script(os.environ.get("VFSD_CONFORMANCE_ONLY"))  # "acl,mmap"
+            r = run_guest(script, socket_path=daemons["vfsd"].socket_path, python=True,
+                          files=files, extra_qemu_args=qemu_args, timeout=400)
+            for d in daemons.values():
+                d.stop()
+            results = {name: section(r.output, name) for name in [*TARGETS, "ext4"]}
+            dump = os.environ.get("VFSD_CONFORMANCE_DUMP")     # a directory: keep the results
+            if dump:
+                os.makedirs(dump, exist_ok=True)
+                for name, (_rc, doc) in results.items():
+                    with open(os.path.join(dump, f"{name}.json"), "w") as f:
+                        json.dump(doc, f, indent=1, sort_keys=True)
+            yield daemons, r, results
+        finally:
+            for d in daemons.values():
+                d.stop()
 
 
 @pytest.mark.parametrize("target", list(TARGETS))

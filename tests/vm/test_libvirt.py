@@ -32,14 +32,13 @@ import shlex
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import test_user, unprivileged_python
+from tests.daemon import test_user, unprivileged_python, workdir
 from tests.vm import guest
 from vfsd import ownership
 from vfsd.legacy_options import split_options
@@ -115,24 +114,19 @@ def setup(libvirt):
     if who is None:
         pytest.skip("cannot create the unprivileged test user")
     uid, gid, user = who
-    d = Path(tempfile.mkdtemp(prefix="vfsd-libvirt-"))
-    os.chmod(d, 0o711)
-    kernel = guest.find_kernel()
-    boot = d / "kernel"
-    shutil.copyfile(kernel.boot_image(), boot)   # libvirt relabels it: use our own copy
-    os.chmod(boot, 0o644)
-    code = d / "code"
-    for pkg in ("vfsd", "protocol"):
-        shutil.copytree(REPO / pkg, code / pkg,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy(REPO / "pyproject.toml", code / "pyproject.toml")
-    subprocess.run(["chmod", "-R", "u=rwX,go=rX", str(code)], check=True)
-    yield dict(dir=d, kernel=boot, base_initrd=guest.base_initramfs(kernel).read_bytes(),
-               uid=uid, gid=gid, python=unprivileged_python(uid, gid), code=code)
-    if os.environ.get("VFSD_TEST_KEEP", "") in ("", "0"):
-        shutil.rmtree(d, ignore_errors=True)
-    else:
-        print(f"\nkept {d}")
+    with workdir("vfsd-libvirt-") as d:
+        kernel = guest.find_kernel()
+        boot = d / "kernel"
+        shutil.copyfile(kernel.boot_image(), boot)   # libvirt relabels it: use our own copy
+        os.chmod(boot, 0o644)
+        code = d / "code"
+        for pkg in ("vfsd", "protocol"):
+            shutil.copytree(REPO / pkg, code / pkg,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy(REPO / "pyproject.toml", code / "pyproject.toml")
+        subprocess.run(["chmod", "-R", "u=rwX,go=rX", str(code)], check=True)
+        yield dict(dir=d, kernel=boot, base_initrd=guest.base_initramfs(kernel).read_bytes(),
+                   uid=uid, gid=gid, python=unprivileged_python(uid, gid), code=code)
 
 
 def write_wrapper(path: Path, s: dict, *, hide_separate_options: bool) -> Path:

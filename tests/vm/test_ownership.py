@@ -12,8 +12,6 @@ import hashlib
 import os
 import stat
 
-import pytest
-
 from tests.vm.guest import run_guest
 from vfsd import ownership
 

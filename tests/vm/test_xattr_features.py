@@ -22,16 +22,14 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import stat
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon
-from tests.vm.guest import extra_modules, guest_requirements, host_tool_files, run_guest
+from tests.daemon import Daemon, workdir
+from tests.vm.guest import extra_modules, host_tool_files, require_guest, run_guest
 from vfsd import ownership
 
 #: Runs a command as uid:gid (no supplementary groups): python3 /as UID GID CMD...
@@ -149,26 +147,21 @@ echo "== end"
 
 @pytest.fixture(scope="module")
 def features():
-    missing = guest_requirements()
-    if missing:
-        pytest.skip("cannot boot test guests: " + "; ".join(missing))
-    work = Path(tempfile.mkdtemp(prefix="vfsd-test-"))
-    os.chmod(work, 0o711)
-    daemon = Daemon(work / "share", work / "run" / "vfsd.sock",
-                    extra_args=["--xattr", "--posix-acl"]).start()
-    try:
-        files, load = extra_modules("overlay")
-        files.update(host_tool_files("/usr/sbin/setcap", "/usr/sbin/getcap"))
-        files["/as"] = AS
-        r = run_guest(load + SCRIPT, socket_path=daemon.socket_path, python=True, files=files,
-                      timeout=300)
-        daemon.stop()
-        r.daemon_log = daemon.log_text()
-        yield daemon, r, work / "share"
-    finally:
-        daemon.stop()
-        if os.environ.get("VFSD_TEST_KEEP", "") in ("", "0"):
-            shutil.rmtree(work, ignore_errors=True)
+    require_guest()
+    with workdir() as work:
+        daemon = Daemon(work / "share", work / "run" / "vfsd.sock",
+                        extra_args=["--xattr", "--posix-acl"]).start()
+        try:
+            files, load = extra_modules("overlay")
+            files.update(host_tool_files("/usr/sbin/setcap", "/usr/sbin/getcap"))
+            files["/as"] = AS
+            r = run_guest(load + SCRIPT, socket_path=daemon.socket_path, python=True,
+                          files=files, timeout=300)
+            daemon.stop()
+            r.daemon_log = daemon.log_text()
+            yield daemon, r, work / "share"
+        finally:
+            daemon.stop()
 
 
 def section(r, name: str) -> dict[str, list[str]]:

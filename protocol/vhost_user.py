@@ -14,11 +14,13 @@ This module knows nothing about filesystems: a `VhostUserDevice` gets every
 descriptor chain through `handle_chain`.
 
 Threads: `serve_connection` runs the control plane in the caller's thread.
-Each started ring has one worker thread that waits on the kick eventfd,
-pops chains and hands them to the device; the device may complete them later
-from any thread with `Vring.complete`.  Used-ring updates and notifications
-are serialised per ring by the ring's lock (or, for a device that answers
-every chain inline, by being done by the worker alone).
+A worker thread waits on the kick eventfds, pops chains and hands them to the
+device.  A device that may complete chains later (`completes_async`), from
+any thread with `Vring.complete`, gets one worker per started ring; a device
+that answers every chain inline gets one worker for all its started rings
+(`_SharedWorker`: under the GIL more threads only add hand-overs).  Used-ring
+updates and notifications are serialised per ring by the ring's lock (or, for
+a device that answers every chain inline, by being done by the worker alone).
 
 Byte order: the spec says "All numbers are in the machine native byte
 order"; `WireStruct` is little-endian, so this module refuses big-endian
@@ -245,7 +247,8 @@ class VhostUserDevice(abc.ABC):
     #: Whether `handle_chain` may return None and complete the chain later
     #: (`Vring.complete`).  A device that always answers inline sets this to
     #: False: its rings then skip the in-flight bookkeeping and the ring lock
-    #: per chain (only the worker touches the used ring).  Read at the start
+    #: per chain (only the worker touches the used ring), and share one worker
+    #: thread.  Read when a ring starts (to pick its thread) and at the start
     #: of each batch of chains; change it only while the device is not running.
     completes_async: bool = True
 
@@ -256,7 +259,8 @@ class VhostUserDevice(abc.ABC):
         Return the number of bytes written into `chain.writable` (the library
         puts it on the used ring and notifies), or None to complete it later,
         from any thread, with `vring.complete(chain, written)` (only if
-        `completes_async`).  Called from the ring's worker thread.
+        `completes_async`).  Called from the ring's worker thread (one thread
+        for all the rings of a device that does not `completes_async`).
         """
 
     def reset(self) -> None:
@@ -304,7 +308,8 @@ def _close(fd: int | None) -> None:
 
 
 class Vring:
-    """One virtqueue's vhost-user state, and its worker thread while started.
+    """One virtqueue's vhost-user state, and its worker while started (its own
+    thread, or a place in the backend's `_SharedWorker`).
 
     States (spec, "Ring states"): stopped until a kick fd arrives
     (SET_VRING_KICK), stopped again by GET_VRING_BASE; independently enabled or
@@ -332,8 +337,12 @@ class Vring:
         # (*the worker of an inline device pushes without it: see _drain)
         self._idle = threading.Condition(self._lock)
         self._inflight: dict[int, DescriptorChain] = {}
-        self._worker: threading.Thread | None = None
-        self._ctl_fd: int | None = None            # private eventfd: wake / stop
+        self._worker: threading.Thread | None = None   # own worker (completes_async)
+        self._ctl_fd: int | None = None            # its private eventfd: wake / stop
+        self._shared: _SharedWorker | None = None  # or the backend's, while started
+        self._kick_failed = False                  # the shared worker gave up the kick fd
+        # Leave the drain loop after the current chain: the ring is stopping, or
+        # the shared worker is wanted by the control thread (_SharedWorker.remove).
         self._stopping = False
         self._batching = False
         self._notify_pending = False
@@ -344,7 +353,7 @@ class Vring:
 
     @property
     def started(self) -> bool:
-        return self._worker is not None
+        return self._worker is not None or self._shared is not None
 
     @property
     def inflight(self) -> int:
@@ -413,7 +422,9 @@ class Vring:
 
     # -- worker ------------------------------------------------------------------
     def _wake(self) -> None:
-        if self._ctl_fd is not None:
+        if self._shared is not None:
+            self._shared.wake()
+        elif self._ctl_fd is not None:
             try:
                 os.write(self._ctl_fd, _EVENTFD_ONE)
             except OSError:
@@ -455,10 +466,11 @@ class Vring:
         Done here for a device that answers every chain inline (`completes_async`
         False), the per-request path of vfsd without a thread pool: this thread
         is then the only one that touches the used ring, so chains are pushed
-        without the ring lock and without in-flight bookkeeping (`_stop` joins
-        this thread before it takes the ring away).  The lock is taken once per
-        batch, to signal the call eventfd (the control thread may swap that fd).
-        Other devices go through `_drain_async`.
+        without the ring lock and without in-flight bookkeeping (`_stop` waits
+        until this thread has let go of the ring before it takes the ring
+        away).  The lock is taken once per batch, to signal the call eventfd
+        (the control thread may swap that fd).  Other devices go through
+        `_drain_async`.
         """
         vq = self._vq
         if vq is None or not self.enabled or self.broken:
@@ -589,25 +601,36 @@ class Vring:
             return
         self._vq = vq
         self._stopping = False
-        self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._worker = threading.Thread(target=self._run, name=f"vhost-user-vq{self.index}",
-                                        daemon=True)
         log.debug("queue %d: started (size %d, avail idx %d, used idx %d, %s)", self.index,
                   self.size, vq.last_avail_idx, vq.used_idx,
                   "enabled" if self.enabled else "disabled")
+        if not getattr(self._backend.device, "completes_async", True):
+            # Every chain is answered in the thread that pops it: one thread for
+            # all the rings (see _SharedWorker).
+            self._kick_failed = False
+            self._shared = self._backend._shared_worker
+            self._shared.add(self)
+            return
+        self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._worker = threading.Thread(target=self._run, name=f"vhost-user-vq{self.index}",
+                                        daemon=True)
         self._worker.start()
 
     def _stop(self, timeout: float) -> None:
         """Stop the worker, wait for in-flight chains, remember last_avail_idx."""
-        worker = self._worker
-        if worker is None:
-            return
-        self._stopping = True
-        self._wake()
-        worker.join()
-        self._worker = None
-        _close(self._ctl_fd)
-        self._ctl_fd = None
+        if self._shared is not None:
+            self._shared.remove(self)   # returns once the worker has let go of the ring
+            self._shared = None
+        else:
+            worker = self._worker
+            if worker is None:
+                return
+            self._stopping = True
+            self._wake()
+            worker.join()
+            self._worker = None
+            _close(self._ctl_fd)
+            self._ctl_fd = None
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._inflight:
@@ -643,6 +666,181 @@ class Vring:
         self.broken = None
 
 
+class _SharedWorker:
+    """The one thread that serves every started ring of a device answering inline.
+
+    Such a device (`completes_async` False) does each request in the thread
+    that popped it, so a thread per ring buys no parallelism under the GIL;
+    it costs a thread wake-up and a GIL hand-over per kick of each ring (on
+    virtio-fs, per FORGET batch on the hiprio queue).  This thread polls the
+    kick fd of every member ring and a control eventfd, and drains the rings
+    whose kick fired, lowest queue index first: virtio-fs's hiprio queue is
+    0 (virtio spec 5.11.2), so FORGETs go before requests kicked with them.
+
+    Members change only from the control thread ("Ring states" in the spec:
+    a ring starts when kicked and configured, stops at GET_VRING_BASE);
+    `remove` returns once the thread has let go of the ring, as `join` does
+    for a ring's own worker.  The thread exits when it finds no member left
+    and `add` starts a new one; both are decided under `_lock`, so a ring
+    added while the last one is being removed is never left without a thread.
+
+    A drain is not cut short by another ring's kick: it ends when its ring is
+    empty.  A driver that reclaims buffers on the used-buffer notification
+    (2.7.7), sent at the end of the batch, as Linux's virtio-fs does, cannot
+    refill the ring past its size meanwhile.
+    """
+
+    def __init__(self, name: str = "vhost-user-rings"):
+        self.name = name
+        self._lock = threading.Lock()
+        self._picked_up = threading.Condition(self._lock)   # _seen moved
+        self._rings: dict[int, Vring] = {}     # members, by queue index
+        self._version = 0                      # bumped by each change of members
+        self._seen = 0                         # the version the thread serves
+        self._thread: threading.Thread | None = None
+        self._ctl_fd: int | None = None        # the thread's eventfd: members changed, wake
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    # -- control thread ---------------------------------------------------------
+    def add(self, vring: Vring) -> None:
+        with self._lock:
+            self._rings[vring.index] = vring
+            self._version += 1
+            if self._thread is None:
+                self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._thread = threading.Thread(target=self._run, args=(self._ctl_fd,),
+                                                name=self.name, daemon=True)
+                self._thread.start()
+            else:
+                self._signal_locked()
+
+    def remove(self, vring: Vring) -> None:
+        """Take `vring` out; return once the thread no longer touches it."""
+        with self._lock:
+            if self._rings.pop(vring.index, None) is None:
+                return
+            thread = self._thread
+            if thread is None:
+                return
+            self._version += 1
+            version = self._version
+            # Every drain loop ends after its current chain (Vring._drain), so
+            # the thread picks the change up after one request, not a batch of
+            # another ring; it clears the flag of the rings it keeps.
+            vring._stopping = True
+            for v in self._rings.values():
+                v._stopping = True
+            self._signal_locked()
+            while self._seen < version and self._thread is thread:
+                self._picked_up.wait()
+            exited = self._thread is not thread
+        if exited:
+            thread.join()   # it found no ring left; only its return was left to do
+
+    def wake(self) -> None:
+        """Drain every member ring soon (e.g. one was enabled)."""
+        with self._lock:
+            self._signal_locked()
+
+    def _signal_locked(self) -> None:
+        if self._ctl_fd is not None:
+            try:
+                os.write(self._ctl_fd, _EVENTFD_ONE)
+            except OSError:
+                pass  # saturated: a wake-up is pending anyway
+
+    # -- the thread ---------------------------------------------------------------
+    def _pick_up(self, ctl: int) -> list[Vring] | None:
+        """The member rings to serve, by queue index; None: none left, the thread ends."""
+        with self._lock:
+            try:
+                os.read(ctl, 8)  # reset the eventfd counter
+            except BlockingIOError:
+                pass
+            if not self._rings:
+                self._exit_locked(ctl)
+                return None
+            for v in self._rings.values():
+                v._stopping = False   # (set by `remove` to cut drain loops short)
+            self._seen = self._version
+            self._picked_up.notify_all()
+            return sorted((v for v in self._rings.values() if not v._kick_failed),
+                          key=_ring_index)
+
+    def _exit_locked(self, ctl: int) -> None:
+        self._thread = self._ctl_fd = None
+        _close(ctl)
+        self._picked_up.notify_all()
+
+    def _run(self, ctl: int) -> None:
+        read, index = os.read, _ring_index
+        pollin, failed = select.POLLIN, select.POLLERR | select.POLLNVAL | select.POLLHUP
+        changed = True
+        try:
+            while True:
+                if changed:
+                    changed = False
+                    serving = self._pick_up(ctl)
+                    if serving is None:
+                        return
+                    poller = select.poll()
+                    poller.register(ctl, pollin)
+                    kicks: dict[int, Vring] = {}
+                    # Without a kick fd (NOFD flag), the spec says to poll the ring.
+                    unkicked = [v for v in serving if v.kick_fd is None]
+                    for v in serving:
+                        if v.kick_fd is not None:
+                            kicks[v.kick_fd] = v
+                            poller.register(v.kick_fd, pollin)
+                    poll = poller.poll
+                    timeout = 10 if unkicked else None
+                    # Buffers may have been queued before a ring started, while it
+                    # was disabled, or behind a drain cut short by `remove`.
+                    ready = serving
+                else:
+                    ready = []
+                    for fd, ev in poll(timeout):
+                        if fd == ctl:
+                            changed = True
+                        elif ev & pollin:
+                            try:
+                                read(fd, 8)  # reset the eventfd counter
+                            except (BlockingIOError, InterruptedError):
+                                pass
+                            ready.append(kicks[fd])
+                        elif ev & failed:
+                            v = kicks.pop(fd)
+                            log.error("queue %d: kick fd failed (poll events 0x%x); "
+                                      "stopping the ring", v.index, ev)
+                            poller.unregister(fd)
+                            v._kick_failed = True  # started but unserved, as with its own worker
+                    if changed:
+                        continue  # take the change first; then every ring is drained
+                    if unkicked:
+                        ready += unkicked
+                    if len(ready) > 1:
+                        ready.sort(key=index)
+                for v in ready:
+                    try:
+                        v._drain()
+                    except Exception:  # one ring's failure is not the others'
+                        log.exception("queue %d: worker failed", v.index)
+                        v._mark_broken("internal error in the ring worker")
+        except Exception:  # never let the worker die silently
+            log.exception("ring worker failed")
+            with self._lock:
+                for v in self._rings.values():
+                    v._mark_broken("internal error in the ring worker")
+                self._exit_locked(ctl)
+
+
+def _ring_index(vring: Vring) -> int:
+    return vring.index
+
+
 # ---------------------------------------------------------------------------
 # The back-end
 # ---------------------------------------------------------------------------
@@ -670,6 +868,7 @@ class VhostUserBackend:
         self.owner = False
         self.memory: GuestMemory = GuestMemory.empty()
         self.vrings = [Vring(self, i) for i in range(n)]
+        self._shared_worker = _SharedWorker()   # for a device that answers inline
         self._sock: socket.socket | None = None
         self._handlers: dict[int, Callable[[_Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,

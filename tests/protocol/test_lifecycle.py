@@ -4,7 +4,9 @@ restarting a ring where it stopped (migration-style)."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +133,44 @@ def test_kick_before_enable_is_served_on_enable(fe, daemon):
     fe.set_vring_enable(1, True)
     used = early or q.wait_used(5.0)
     assert len(used) == 1
+
+
+def _daemon_threads(daemon) -> int:
+    """Threads of the daemon's Python process (setpriv execs it; runuser may fork it)."""
+    pid = daemon.impl.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if children:
+        pid = int(children[0])
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _wait_threads(daemon, n: int) -> int:
+    # (a joined thread's OS thread may take a moment to be reaped)
+    deadline = time.monotonic() + 5.0
+    while (count := _daemon_threads(daemon)) != n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count
+
+
+def test_one_thread_serves_every_ring(client, fe, daemon, shared_dir):
+    """Without a thread pool (the default) hiprio and the request queues are served by
+    one worker thread, which is gone once every ring is stopped and back on restart."""
+    (shared_dir / "f").write_bytes(b"x")
+    daemon.chown(shared_dir / "f")
+    e = client.lookup(1, "f")
+    client.forget(e.nodeid)   # on hiprio
+    client.getattr(1)
+    n = len(fe.queues)
+    assert n >= 2
+    running = _daemon_threads(daemon)
+    stop_all(fe)
+    assert _wait_threads(daemon, running - 1) == running - 1, \
+        f"{n} rings stopped, expected one thread fewer than {running}"
+    restart_fresh(fe, n)
+    c = FuseClient(fe, queue=1)
+    c.init()
+    e = c.lookup(1, "f")
+    c.forget(e.nodeid)
+    c.getattr(1)
+    assert _daemon_threads(daemon) == running
+    daemon.assert_no_traceback()

@@ -628,14 +628,28 @@ def test_hang_up_with_chain_in_flight_does_not_hang():
 class InlineDevice(EchoDevice):
     """EchoDevice that declares it never completes later (`completes_async` False), as
     vfsd without a thread pool.  "LEN x" requests return the bad length x; KEEP requests
-    are echoed and their chain kept for the test."""
+    are echoed and their chain kept for the test; BLOCK requests wait until the test sets
+    `gate`, SLOW ones take 50 ms.  `threads` records which thread served which queue."""
 
     completes_async = False
     lengths = {b"LEN -1": -1, b"LEN big": 1 << 40, b"LEN str": "3", b"LEN float": 2.0,
                b"LEN none": None, b"LEN true": True}
 
+    def __init__(self, num_queues: int = 2):
+        super().__init__(num_queues)
+        self.threads: list[tuple[int, threading.Thread]] = []
+        self.blocked = threading.Event()
+        self.gate = threading.Event()
+
     def handle_chain(self, vring, chain):
+        self.threads.append((vring.index, threading.current_thread()))
         data = b"".join(bytes(v) for v in chain.readable)
+        if data.startswith(b"BLOCK"):
+            self.blocked.set()
+            self.gate.wait(2 * TIMEOUT)
+        elif data.startswith(b"SLOW"):
+            self.blocked.set()
+            time.sleep(0.05)
         if data in self.lengths:
             self.echo(chain, data)
             return self.lengths[data]
@@ -727,6 +741,300 @@ def test_inline_device_malformed_ring_breaks_the_queue(hi):
     assert wait_fd(err)
     assert "jumped" in hi.backend.vrings[1].broken
     assert hi.request(0, b"queue zero") == (10, b"queue zero")
+
+
+# -- one worker thread for all the rings of an inline device ---------------------------------
+
+
+def get_vring_base(h: Harness, index: int) -> int:
+    h.send(Request.GET_VRING_BASE, struct.pack("<II", index, 0))
+    got, base = struct.unpack("<II", h.recv(Request.GET_VRING_BASE))
+    assert got == index
+    return base
+
+
+def restart_ring(h: Harness, index: int, base: int) -> None:
+    """Start a stopped ring again where it stopped, with its kick fd (as after migration)."""
+    h.ok(Request.SET_VRING_BASE, struct.pack("<II", index, base))
+    h.ok(Request.SET_VRING_KICK, struct.pack("<Q", index), [h.rings[index][1]])
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_inline_device_rings_share_one_thread(hi):
+    hi.start()
+    for i in (0, 1, 0, 1):
+        assert hi.request(i, b"queue %d" % i) == (7, b"queue %d" % i)
+    assert {i for i, _ in hi.device.threads} == {0, 1}
+    threads = {t for _, t in hi.device.threads}
+    assert len(threads) == 1, threads
+    (worker,) = threads
+    assert worker is hi.backend._shared_worker.thread and worker.name == "vhost-user-rings"
+    assert worker is not hi.thread and worker is not threading.current_thread()
+    assert all(v.started and v._worker is None for v in hi.backend.vrings)
+
+
+def test_async_device_keeps_a_thread_per_ring(h):
+    h.start()
+    served = {}
+    handle = h.device.handle_chain
+
+    def recording(vring, chain):
+        served[vring.index] = threading.current_thread()
+        return handle(vring, chain)
+
+    h.device.handle_chain = recording
+    assert h.request(0, b"zero") == (4, b"zero")
+    assert h.request(1, b"one") == (3, b"one")
+    assert served[0] is not served[1]
+    assert (served[0].name, served[1].name) == ("vhost-user-vq0", "vhost-user-vq1")
+    assert h.backend._shared_worker.thread is None
+
+
+def test_inline_device_serves_lower_queues_first():
+    """Rings kicked while the worker is busy are drained hiprio (queue 0) first."""
+    h = Harness(InlineDevice(num_queues=3))
+    try:
+        h.start(queues=(0, 1, 2))
+        d2, kick2, _, _ = h.rings[2]
+        d2.add([b"BLOCK"], [8])
+        os.eventfd_write(kick2, 1)
+        assert h.device.blocked.wait(TIMEOUT)
+        for i in (1, 0):  # the request queue is kicked before hiprio
+            d, kick, _, _ = h.rings[i]
+            d.add([b"on %d" % i], [8])
+            os.eventfd_write(kick, 1)
+        time.sleep(0.05)
+        h.device.gate.set()
+        assert [h.device.seen.get(timeout=TIMEOUT)[0] for _ in range(3)] == [2, 0, 1]
+    finally:
+        h.device.gate.set()
+        h.close()
+
+
+def test_inline_device_stopping_one_ring_leaves_the_other_served(hi):
+    hi.start()
+    for i in range(3):
+        hi.request(0, b"hiprio %d" % i)
+    hi.request(1, b"request")
+    worker = hi.backend._shared_worker.thread
+    assert get_vring_base(hi, 0) == 3
+    assert not hi.backend.vrings[0].started and hi.backend.vrings[1].started
+    d0, kick0, call0, _ = hi.rings[0]
+    head, _ = d0.add([b"while stopped"], [16])
+    os.eventfd_write(kick0, 1)
+    assert hi.request(1, b"still served") == (12, b"still served")
+    assert not wait_fd(call0, 0.2)
+    assert d0.used_idx() == 3
+    assert hi.backend._shared_worker.thread is worker
+    # Started again where it stopped: the chain queued meanwhile is served.
+    restart_ring(hi, 0, 3)
+    assert wait_fd(call0)
+    assert d0.used_elem(3) == (head, 13)
+    assert hi.backend._shared_worker.thread is worker
+    assert {t for _, t in hi.device.threads} == {worker}
+
+
+def test_inline_device_get_vring_base_while_the_worker_is_busy_on_another_ring(hi):
+    """The stop is taken up after the request in progress on the other ring, not after
+    that ring's whole backlog, and the backlog is served afterwards."""
+    hi.start()
+    hi.request(0, b"hiprio")
+    d1, kick1, call1, _ = hi.rings[1]
+    for i in range(7):
+        d1.add([b"SLOW %d" % i], [8], indirect=True, publish=False)
+    d1.set_avail_idx(d1.avail_idx)
+    os.eventfd_write(kick1, 1)
+    assert hi.device.blocked.wait(TIMEOUT)
+    assert get_vring_base(hi, 0) == 1
+    assert d1.used_idx() < 7, "the stop waited for another ring's whole batch"
+    wait_until(lambda: d1.used_idx() == 7, "queue 1: backlog not served after the stop")
+    assert [d1.used_elem(i)[1] for i in range(7)] == [6] * 7
+    assert hi.request(1, b"after") == (5, b"after")
+
+
+def test_inline_device_disable_and_enable_one_ring(hi):
+    hi.start()
+    hi.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 0))
+    d0, kick0, call0, _ = hi.rings[0]
+    head, _ = d0.add([b"while disabled"], [16])
+    os.eventfd_write(kick0, 1)
+    assert hi.request(1, b"queue 1") == (7, b"queue 1")
+    assert not wait_fd(call0, 0.2)
+    assert d0.used_idx() == 0
+    hi.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
+    assert wait_fd(call0), "enabling the ring did not process what queued meanwhile"
+    assert d0.used_elem(0) == (head, 14)
+    assert hi.request(0, b"enabled") == (7, b"enabled")
+    assert hi.request(1, b"and 1") == (5, b"and 1")
+    assert len({t for _, t in hi.device.threads}) == 1
+
+
+def test_inline_device_ring_without_kick_fd_is_polled_next_to_a_kicked_one(hi):
+    hi.start()
+    hi.ok(Request.SET_VRING_KICK, struct.pack("<Q", 0 | 0x100))  # NOFD: no kick fd
+    d0, _, call0, _ = hi.rings[0]
+    d0.add([b"unkicked"], [16])
+    assert wait_fd(call0), "a ring without a kick fd was not polled"
+    assert d0.used_elem(0)[1] == 8
+    assert hi.request(1, b"kicked") == (6, b"kicked")
+    d0.add([b"again"], [16])
+    assert wait_fd(call0)
+    assert d0.used_elem(1)[1] == 5
+
+
+def test_inline_device_new_kick_fd_replaces_the_old_one(hi):
+    hi.start()
+    d1, old_kick, call1, err1 = hi.rings[1]
+    new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    hi.fds.append(new_kick)
+    hi.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [new_kick])
+    hi.rings[1] = (d1, new_kick, call1, err1)
+    assert hi.request(1, b"new kick") == (8, b"new kick")
+    d1.add([b"old"], [8])
+    os.eventfd_write(old_kick, 1)  # the back-end's copy was closed: nothing watches it
+    assert not wait_fd(call1, 0.2)
+    assert hi.request(0, b"zero") == (4, b"zero")
+
+
+def test_inline_device_kick_fd_hang_up_stops_only_that_ring(hi, caplog):
+    hi.negotiate()
+    hi.set_mem_table()
+    hi.setup_ring(0)
+    hi.setup_ring(1)
+    r, w = os.pipe()
+    hi.fds += [r, w]
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        hi.ok(Request.SET_VRING_KICK, struct.pack("<Q", 0), [r])
+        os.close(w)
+        wait_until(lambda: any("queue 0: kick fd failed" in m.getMessage()
+                               for m in caplog.records), "kick fd hang-up not noticed")
+    assert hi.request(1, b"others go on") == (12, b"others go on")
+    assert hi.backend.vrings[0].started  # as with a ring's own worker: unserved until stopped
+    # A new kick fd restarts it.
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    hi.fds.append(kick)
+    hi.ok(Request.SET_VRING_KICK, struct.pack("<Q", 0), [kick])
+    d0, _, call0, err0 = hi.rings[0]
+    hi.rings[0] = (d0, kick, call0, err0)
+    assert hi.request(0, b"back") == (4, b"back")
+
+
+def test_inline_device_broken_ring_leaves_the_other_served(hi):
+    hi.start()
+    d0, kick0, _, err0 = hi.rings[0]
+    d0.set_avail_idx(100)
+    os.eventfd_write(kick0, 1)
+    assert wait_fd(err0)
+    assert "jumped" in hi.backend.vrings[0].broken
+    for i in range(3):
+        assert hi.request(1, b"fine %d" % i) == (6, b"fine %d" % i)
+
+
+def test_inline_device_worker_leaves_with_the_last_ring_and_comes_back(hi):
+    hi.start()
+    hi.request(0, b"zero")
+    hi.request(1, b"one")
+    shared = hi.backend._shared_worker
+    worker = shared.thread
+    for _ in range(20):
+        assert worker.is_alive()
+        assert (get_vring_base(hi, 1), get_vring_base(hi, 0)) == (1, 1)
+        # GET_VRING_BASE of the last ring returns after the thread is gone.
+        assert shared.thread is None and not worker.is_alive()
+        restart_ring(hi, 1, 1)
+        worker = shared.thread
+        assert worker is not None
+        restart_ring(hi, 0, 1)
+        assert shared.thread is worker
+    hi.request(1, b"two")
+    hi.request(0, b"two")
+
+
+def test_inline_device_ring_restarts_and_toggles_under_traffic_on_another_ring(hi):
+    """Queue 0 is stopped, restarted, disabled and enabled over and over while another
+    thread keeps queue 1 busy: no deadlock, nothing lost, bases right, one thread."""
+    hi.start()
+    d1, kick1, _, _ = hi.rings[1]
+    stop, served, errors = threading.Event(), [0], []
+    rd, wr = d1.put(b"traffic"), d1.alloc(8)
+
+    def traffic():
+        try:
+            while not stop.is_set():
+                before = d1.used_idx()
+                d1.write_desc(0, rd, 7, 1, 1)   # NEXT -> 1
+                d1.write_desc(1, wr, 8, 2)      # WRITE
+                d1.put_avail(0)
+                os.eventfd_write(kick1, 1)
+                deadline = time.monotonic() + TIMEOUT
+                while d1.used_idx() == before:
+                    assert time.monotonic() < deadline, "queue 1 stalled"
+                    time.sleep(0.0002)
+                assert d1.used_elem(before) == (0, 7)
+                served[0] += 1
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        for i in range(25):
+            assert hi.request(0, b"n%d" % i) == (1 + len(str(i)), b"n%d" % i)
+            assert get_vring_base(hi, 0) == i + 1
+            restart_ring(hi, 0, i + 1)
+            hi.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 0))
+            hi.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
+            assert not errors, errors
+    finally:
+        stop.set()
+        t.join(2 * TIMEOUT)
+    assert not errors, errors
+    assert served[0] > 25
+    assert len({t for _, t in hi.device.threads}) == 1
+
+
+def test_inline_device_set_mem_table_while_running(hi):
+    hi.start()
+    assert hi.request(1, b"one") == (3, b"one")
+    hi.set_mem_table()  # rings stopped, memory swapped, rings started again
+    assert hi.request(1, b"two") == (3, b"two")
+    assert hi.request(0, b"zero") == (4, b"zero")
+
+
+def test_inline_device_worker_is_gone_after_disconnect():
+    before = open_fds()
+    h = Harness(InlineDevice())
+    h.start()
+    h.request(0, b"bye")
+    h.request(1, b"bye")
+    worker = h.backend._shared_worker.thread
+    assert worker.is_alive()
+    h.close()
+    assert not worker.is_alive(), "the ring worker outlived the connection"
+    assert h.backend._shared_worker.thread is None
+    h.map.close()
+    assert open_fds() <= before + 1, "fds leaked after the connection ended"
+
+
+def test_inline_device_hang_up_while_the_worker_is_busy():
+    """Disconnect while a request runs: teardown waits for it, then the thread is gone."""
+    h = Harness(InlineDevice())
+    h.start()
+    d1, kick1, _, _ = h.rings[1]
+    d1.add([b"BLOCK"], [8])
+    os.eventfd_write(kick1, 1)
+    assert h.device.blocked.wait(TIMEOUT)
+    worker = h.backend._shared_worker.thread
+    threading.Timer(0.2, h.device.gate.set).start()
+    h.close()
+    assert not worker.is_alive()
+    assert d1.used_elem(0)[1] == 5
 
 
 # -- malformed messages ----------------------------------------------------------------------

@@ -36,3 +36,32 @@ def test_four_request_queues_two_cpus(start_vfsd):
     # tests/protocol/test_fuse.py with the Python frontend.)
     started = set(re.findall(r"queue (\d+): started", daemon.log_text()))
     assert {"0", "1", "2", "3", "4"} <= started, started
+
+
+AGAIN = """
+sync; echo 3 > /proc/sys/vm/drop_caches
+for i in 1 2 3 4; do echo "again f$i $(md5sum f$i | cut -d' ' -f1)"; done
+echo "count again $(cat d1/* d2/* d3/* d4/* | grep -c '^[0-9]')"
+"""
+
+
+def test_hiprio_and_request_queues_on_one_thread(start_vfsd):
+    """vfsd's default (no thread pool): one thread serves hiprio and every request queue
+    (protocol.vhost_user._SharedWorker).  The same work, then drop_caches sends a FORGET per
+    inode on hiprio while the files are read again through the request queue."""
+    daemon = start_vfsd()
+    r = run_guest(SCRIPT + AGAIN, socket_path=daemon.socket_path, num_request_queues=4, smp=2,
+                  timeout=300)
+    assert r.status == 0, r.explain()
+    assert "count 200" in r.output and "count again 200" in r.output, r.output
+    for i in range(1, 5):
+        want = hashlib.md5((daemon.shared_dir / f"f{i}").read_bytes()).hexdigest()
+        assert re.search(rf"^md5 f{i} {want}$", r.output, re.M), r.output
+        assert re.search(rf"^again f{i} {want}$", r.output, re.M), r.output
+    log = daemon.log_text()
+    started = set(re.findall(r"queue (\d+): started", log))
+    assert {"0", "1", "2", "3", "4"} <= started, started
+    # (FORGETs are not logged; hiprio's stop index counts the chains it served.)
+    hiprio = [int(n) for n in re.findall(r"queue 0: stopped at avail idx (\d+)", log)]
+    assert hiprio and max(hiprio) > 0, "no FORGET reached the hiprio queue"
+    assert "Traceback" not in log and "worker failed" not in log, log[-4000:]

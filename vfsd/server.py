@@ -474,7 +474,7 @@ class FuseServer:
             mtime = NOW if v & V.MTIME_NOW else _s64(mtime) * 1_000_000_000 + mtimensec
         else:
             mtime = None
-        changes = SetAttr(
+        changes = SetAttr(  # (positional, in SetAttr's field order)
             mode & 0o7777 if v & V.MODE else None,
             uid if v & V.UID else None,
             gid if v & V.GID else None,

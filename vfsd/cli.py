@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="virtio-fs tag (checked; the guest sees the tag set on QEMU's vhost-user-fs-pci "
            "device, see " + DOCS + ")")
     G("--thread-pool-size", type=_nonneg_int, default=0, metavar="N",
-      help="handle requests on a pool of N threads (0: on the one thread that serves "
-           "every queue; default 0)")
+      help="serve requests that may wait on the host's disk (data, syncs, creating and "
+           "removing names) on a pool of N threads, the rest inline (0: everything on the "
+           "one thread that serves every queue; default 0)")
     G("--readonly", action="store_true", help="refuse every change to the share (EROFS)")
 
     g = p.add_argument_group("what the guest gets")

@@ -14,13 +14,18 @@ This module knows nothing about filesystems: a `VhostUserDevice` gets every
 descriptor chain through `handle_chain`.
 
 Threads: `serve_connection` runs the control plane in the caller's thread.
-A worker thread waits on the kick eventfds, pops chains and hands them to the
-device.  A device that may complete chains later (`completes_async`), from
-any thread with `Vring.complete`, gets one worker per started ring; a device
-that answers every chain inline gets one worker for all its started rings
-(`_SharedWorker`: under the GIL more threads only add hand-overs).  Used-ring
-updates and notifications are serialised per ring by the ring's lock (or, for
-a device that answers every chain inline, by being done by the worker alone).
+One worker thread per back-end (`_SharedWorker`) serves every started ring,
+whatever the device: it waits on all their kick eventfds, pops chains and
+hands them to the device.  Under the GIL a thread per ring buys no
+parallelism, only thread wake-ups and GIL hand-overs between the ring
+threads (measured with vfsd's thread pool and two request queues: a third
+fewer LOOKUPs per second than with the one worker; see `_SharedWorker`).
+A device that may complete chains later (`completes_async`) does so from
+any thread with `Vring.complete` (vfsd's pool threads, which is where
+blocking work belongs: the worker must not wait on one ring while others
+are kicked).  Used-ring updates and notifications are serialised per ring
+by the ring's lock (or, for a device that answers every chain inline, by
+being done by the worker alone).
 
 Byte order: the spec says "All numbers are in the machine native byte
 order"; `WireStruct` is little-endian, so this module refuses big-endian
@@ -247,8 +252,8 @@ class VhostUserDevice(abc.ABC):
     #: Whether `handle_chain` may return None and complete the chain later
     #: (`Vring.complete`).  A device that always answers inline sets this to
     #: False: its rings then skip the in-flight bookkeeping and the ring lock
-    #: per chain (only the worker touches the used ring), and share one worker
-    #: thread.  Read when a ring starts (to pick its thread) and at the start
+    #: per chain (only the worker touches the used ring).  Either way one
+    #: worker thread serves all the rings (`_SharedWorker`).  Read at the start
     #: of each batch of chains; change it only while the device is not running.
     completes_async: bool = True
 
@@ -259,8 +264,9 @@ class VhostUserDevice(abc.ABC):
         Return the number of bytes written into `chain.writable` (the library
         puts it on the used ring and notifies), or None to complete it later,
         from any thread, with `vring.complete(chain, written)` (only if
-        `completes_async`).  Called from the ring's worker thread (one thread
-        for all the rings of a device that does not `completes_async`).
+        `completes_async`).  Called from the back-end's one worker thread,
+        which serves every ring: while it runs, no other ring is served, so
+        work that may block for long belongs on another thread (return None).
         """
 
     def reset(self) -> None:
@@ -308,14 +314,16 @@ def _close(fd: int | None) -> None:
 
 
 class Vring:
-    """One virtqueue's vhost-user state, and its worker while started (its own
-    thread, or a place in the backend's `_SharedWorker`).
+    """One virtqueue's vhost-user state; while started, a member of the
+    backend's `_SharedWorker` (the one thread that serves every ring).
 
     States (spec, "Ring states"): stopped until a kick fd arrives
     (SET_VRING_KICK), stopped again by GET_VRING_BASE; independently enabled or
     disabled.  A started but disabled ring is left alone: its buffers stay in
     the available ring until it is enabled (processing "without side effects"
-    is impossible for a filesystem, so nothing is processed).
+    is impossible for a filesystem, so nothing is processed).  Stopping one
+    ring (`_stop`) takes it out of the worker and waits for its chains in
+    flight; the worker goes on serving the other rings meanwhile.
     """
 
     def __init__(self, backend: "VhostUserBackend", index: int):
@@ -337,12 +345,10 @@ class Vring:
         # (*the worker of an inline device pushes without it: see _drain)
         self._idle = threading.Condition(self._lock)
         self._inflight: dict[int, DescriptorChain] = {}
-        self._worker: threading.Thread | None = None   # own worker (completes_async)
-        self._ctl_fd: int | None = None            # its private eventfd: wake / stop
-        self._shared: _SharedWorker | None = None  # or the backend's, while started
-        self._kick_failed = False                  # the shared worker gave up the kick fd
-        # Leave the drain loop after the current chain: the ring is stopping, or
-        # the shared worker is wanted by the control thread (_SharedWorker.remove).
+        self._shared: _SharedWorker | None = None  # the backend's worker, while started
+        self._kick_failed = False                  # the worker gave up the kick fd
+        # Leave the drain loop after the current chain: the worker is wanted by
+        # the control thread (_SharedWorker.remove: this or another ring stops).
         self._stopping = False
         self._batching = False
         self._notify_pending = False
@@ -353,7 +359,7 @@ class Vring:
 
     @property
     def started(self) -> bool:
-        return self._worker is not None or self._shared is not None
+        return self._shared is not None
 
     @property
     def inflight(self) -> int:
@@ -424,53 +430,18 @@ class Vring:
     def _wake(self) -> None:
         if self._shared is not None:
             self._shared.wake()
-        elif self._ctl_fd is not None:
-            try:
-                os.write(self._ctl_fd, _EVENTFD_ONE)
-            except OSError:
-                pass
-
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._ctl_fd, select.POLLIN)
-        kick = self.kick_fd
-        if kick is not None:
-            poller.register(kick, select.POLLIN)
-        # Without a kick fd (NOFD flag), the spec says to poll the ring.
-        timeout = None if kick is not None else 10
-        poll, read, drain = poller.poll, os.read, self._drain  # bound once, used per wake-up
-        pollin, failed = select.POLLIN, select.POLLERR | select.POLLNVAL | select.POLLHUP
-        try:
-            drain()  # buffers may have been queued before we started
-            while not self._stopping:
-                for fd, ev in poll(timeout):
-                    if ev & pollin:
-                        try:
-                            read(fd, 8)  # reset the eventfd counter
-                        except (BlockingIOError, InterruptedError):
-                            pass
-                    elif ev & failed:
-                        if fd == kick:
-                            log.error("queue %d: kick fd failed (poll events 0x%x); "
-                                      "stopping the ring", self.index, ev)
-                            return
-                if not self._stopping:
-                    drain()
-        except Exception:  # never let a worker die silently
-            log.exception("queue %d: worker failed", self.index)
-            self._mark_broken("internal error in the ring worker")
 
     def _drain(self) -> None:
         """Pop and dispatch every available chain; notify once afterwards.
 
-        Done here for a device that answers every chain inline (`completes_async`
-        False), the per-request path of vfsd without a thread pool: this thread
-        is then the only one that touches the used ring, so chains are pushed
-        without the ring lock and without in-flight bookkeeping (`_stop` waits
-        until this thread has let go of the ring before it takes the ring
-        away).  The lock is taken once per batch, to signal the call eventfd
-        (the control thread may swap that fd).  Other devices go through
-        `_drain_async`.
+        Called by the worker (`_SharedWorker`).  Done here for a device that
+        answers every chain inline (`completes_async` False), the per-request
+        path of vfsd without a thread pool: the worker is then the only thread
+        that touches the used ring, so chains are pushed without the ring lock
+        and without in-flight bookkeeping (`_stop` waits until the worker has
+        let go of the ring before it takes the ring away).  The lock is taken
+        once per batch, to signal the call eventfd (the control thread may
+        swap that fd).  Other devices go through `_drain_async`.
         """
         vq = self._vq
         if vq is None or not self.enabled or self.broken:
@@ -578,7 +549,7 @@ class Vring:
 
     # -- life cycle (control thread) ----------------------------------------------
     def _try_start(self, mem: GuestMemory | None) -> None:
-        """Start the worker if the ring has been kicked and is fully configured."""
+        """Hand the ring to the worker if it has been kicked and is fully configured."""
         if self.started or not self.kick_received or self.broken:
             return
         missing = [what for what, ok in (("memory table", mem is not None and len(mem)),
@@ -604,33 +575,19 @@ class Vring:
         log.debug("queue %d: started (size %d, avail idx %d, used idx %d, %s)", self.index,
                   self.size, vq.last_avail_idx, vq.used_idx,
                   "enabled" if self.enabled else "disabled")
-        if not getattr(self._backend.device, "completes_async", True):
-            # Every chain is answered in the thread that pops it: one thread for
-            # all the rings (see _SharedWorker).
-            self._kick_failed = False
-            self._shared = self._backend._shared_worker
-            self._shared.add(self)
-            return
-        self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._worker = threading.Thread(target=self._run, name=f"vhost-user-vq{self.index}",
-                                        daemon=True)
-        self._worker.start()
+        self._kick_failed = False
+        self._shared = self._backend._shared_worker
+        self._shared.add(self)
 
     def _stop(self, timeout: float) -> None:
-        """Stop the worker, wait for in-flight chains, remember last_avail_idx."""
-        if self._shared is not None:
-            self._shared.remove(self)   # returns once the worker has let go of the ring
-            self._shared = None
-        else:
-            worker = self._worker
-            if worker is None:
-                return
-            self._stopping = True
-            self._wake()
-            worker.join()
-            self._worker = None
-            _close(self._ctl_fd)
-            self._ctl_fd = None
+        """Take the ring from the worker, wait for in-flight chains (at most
+        `timeout` seconds), remember last_avail_idx.  The other rings are
+        served meanwhile."""
+        shared = self._shared
+        if shared is None:
+            return
+        shared.remove(self)   # returns once the worker has let go of the ring
+        self._shared = None
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._inflight:
@@ -667,22 +624,35 @@ class Vring:
 
 
 class _SharedWorker:
-    """The one thread that serves every started ring of a device answering inline.
+    """The one thread that serves every started ring of a back-end.
 
-    Such a device (`completes_async` False) does each request in the thread
-    that popped it, so a thread per ring buys no parallelism under the GIL;
-    it costs a thread wake-up and a GIL hand-over per kick of each ring (on
-    virtio-fs, per FORGET batch on the hiprio queue).  This thread polls the
-    kick fd of every member ring and a control eventfd, and drains the rings
-    whose kick fired, lowest queue index first: virtio-fs's hiprio queue is
-    0 (virtio spec 5.11.2), so FORGETs go before requests kicked with them.
+    Popping a chain and answering it (or handing it over) is Python work that
+    holds the GIL, so a thread per ring buys no parallelism: it only adds a
+    thread wake-up per kick and GIL hand-overs between the ring threads (on
+    virtio-fs, per FORGET batch on the hiprio queue, and with several request
+    queues per request).  That holds for a device that completes chains later
+    (`completes_async`) too: what it runs on other threads (vfsd's pool) is
+    what releases the GIL; what it answers inline is cheap.  With vfsd's pool
+    of 4 and two request queues, a thread per ring served 16,600 LOOKUPs and
+    43,500 GETATTRs per second, this one thread 24,100 and 51,700
+    (docs/performance.md).
+
+    This thread polls the kick fd of every member ring and a control eventfd,
+    and drains the rings whose kick fired, lowest queue index first:
+    virtio-fs's hiprio queue is 0 (virtio spec 5.11.2), so FORGETs go before
+    requests kicked with them.  A ring without a kick fd (NOFD) is drained
+    every 10 ms; a ring whose kick fd fails stays a member (started) but is
+    no longer drained, until it is stopped or given a new kick fd; a broken
+    ring is skipped by its own drain.  Neither stops the other rings.
 
     Members change only from the control thread ("Ring states" in the spec:
     a ring starts when kicked and configured, stops at GET_VRING_BASE);
-    `remove` returns once the thread has let go of the ring, as `join` does
-    for a ring's own worker.  The thread exits when it finds no member left
-    and `add` starts a new one; both are decided under `_lock`, so a ring
-    added while the last one is being removed is never left without a thread.
+    `remove` returns once the thread has let go of the ring (then
+    `Vring._stop` waits for that ring's chains in flight, while this thread
+    serves the others).  The thread exits when it finds no member left and
+    `add` starts a new one; both are decided under `_lock`, so a ring added
+    while the last one is being removed is never left without a thread, and
+    none is left once every ring has stopped (disconnect, reset).
 
     A drain is not cut short by another ring's kick: it ends when its ring is
     empty.  A driver that reclaims buffers on the used-buffer notification
@@ -816,7 +786,7 @@ class _SharedWorker:
                             log.error("queue %d: kick fd failed (poll events 0x%x); "
                                       "stopping the ring", v.index, ev)
                             poller.unregister(fd)
-                            v._kick_failed = True  # started but unserved, as with its own worker
+                            v._kick_failed = True  # started but unserved until stopped
                     if changed:
                         continue  # take the change first; then every ring is drained
                     if unkicked:
@@ -868,7 +838,7 @@ class VhostUserBackend:
         self.owner = False
         self.memory: GuestMemory = GuestMemory.empty()
         self.vrings = [Vring(self, i) for i in range(n)]
-        self._shared_worker = _SharedWorker()   # for a device that answers inline
+        self._shared_worker = _SharedWorker()   # serves every started ring
         self._sock: socket.socket | None = None
         self._handlers: dict[int, Callable[[_Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,

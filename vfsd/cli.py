@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
            "device, see " + DOCS + ")")
     G("--thread-pool-size", type=_nonneg_int, default=0, metavar="N",
       help="serve requests that may wait on the host's disk (data, syncs, creating and "
-           "removing names) on a pool of N threads, the rest inline (0: everything on the "
-           "one thread that serves every queue; default 0)")
+           "removing names) on a pool of N threads, the rest inline on the one thread that "
+           "serves every queue (0: everything on that thread; default 0)")
     G("--readonly", action="store_true", help="refuse every change to the share (EROFS)")
 
     g = p.add_argument_group("what the guest gets")

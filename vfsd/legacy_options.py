@@ -101,8 +101,8 @@ def _max_idle_threads(ns, v, notes):
     if not (v or "").isdigit():
         raise LegacyOptionError("expected a number")
     notes.append(("info", "-o max_idle_threads has no effect: vfsd runs a fixed number of "
-                          "threads (one for all the queues; with --thread-pool-size, one per "
-                          "queue plus the pool)"))
+                          "threads (one for all the queues, plus the pool of "
+                          "--thread-pool-size)"))
 
 
 def _remote_locks(which: str) -> Handler:

@@ -55,8 +55,9 @@ class VirtioFsDevice(VhostUserDevice):
         self.num_queues = 1 + num_request_queues
         self._pool = (ThreadPoolExecutor(thread_pool_size, thread_name_prefix="vfsd-pool")
                       if thread_pool_size > 0 else None)
-        # Without a pool every request is answered inline by the ring's worker,
-        # which lets the ring layer skip its in-flight bookkeeping.
+        # Without a pool every request is answered inline by the ring worker
+        # (one thread for every queue, with or without a pool), which lets the
+        # ring layer skip its in-flight bookkeeping.
         self.completes_async = self._pool is not None
         self._handle = server.handle   # bound once: handle_chain runs per request
 

@@ -153,10 +153,16 @@ def _wait_threads(daemon, n: int) -> int:
 
 
 def test_one_thread_serves_every_ring(client, fe, daemon, shared_dir):
-    """Without a thread pool (the default) hiprio and the request queues are served by
-    one worker thread, which is gone once every ring is stopped and back on restart."""
+    """hiprio and the request queues are served by one worker thread, which is gone once
+    every ring is stopped and back on restart.  Also with a thread pool (test_fuse_threadpool
+    runs this again): the pool's threads stay, the rings get no thread of their own."""
     (shared_dir / "f").write_bytes(b"x")
     daemon.chown(shared_dir / "f")
+    # Requests that go to the pool when there is one (the pool's threads are started
+    # before the count below, and nothing after it goes to the pool).
+    c, o = client.create(1, "g")
+    client.write(c.nodeid, o.fh, 0, b"pooled")
+    client.release(c.nodeid, o.fh)
     e = client.lookup(1, "f")
     client.forget(e.nodeid)   # on hiprio
     client.getattr(1)

@@ -364,11 +364,8 @@ def test_get_vring_base_returns_the_index(h):
 def test_restart_after_get_vring_base_continues_from_base(h):
     h.start()
     h.request(1, b"one")
-    h.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
-    assert struct.unpack("<II", h.recv(Request.GET_VRING_BASE)) == (1, 1)
-    d, kick, call, err = h.rings[1]
-    h.ok(Request.SET_VRING_BASE, struct.pack("<II", 1, 1))
-    h.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [kick])
+    assert get_vring_base(h, 1) == 1
+    restart_ring(h, 1, 1)
     assert h.request(1, b"two") == (3, b"two")
 
 
@@ -735,11 +732,8 @@ def test_inline_device_stop_and_restart(hi):
     hi.start()
     for i in range(3):
         hi.request(1, b"x%d" % i)
-    hi.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0))
-    assert struct.unpack("<II", hi.recv(Request.GET_VRING_BASE)) == (1, 3)
-    d, kick, call, err = hi.rings[1]
-    hi.ok(Request.SET_VRING_BASE, struct.pack("<II", 1, 3))
-    hi.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [kick])
+    assert get_vring_base(hi, 1) == 3
+    restart_ring(hi, 1, 3)
     assert hi.request(1, b"after") == (5, b"after")
 
 

@@ -105,13 +105,16 @@ class Pipe:
             if len(msg) > self.in_cap or 16 + r.out_size > self.out_cap:
                 raise ValueError("request or reply larger than the slot")
             mem.write(in_gpa, msg)
-            readable = [Buffer(in_gpa, len(msg), False, owned=False)]
-            if r.data is not None and not r.data.writable:
-                readable.append(r.data)
-            if r.data is not None and r.data.writable:
-                writable = [Buffer(out_gpa, 16 + r.out_size, True, owned=False), r.data]
-            else:
-                writable = [Buffer(out_gpa, 16 + r.out_size, True, owned=False)]
+            # Laid out as Linux's virtio-fs lays requests out (virtio_fs_enqueue_req): the
+            # header, the arguments, then data pages; the reply header, its arguments, pages.
+            readable = [Buffer(in_gpa, IN_HDR.size, False, owned=False)]
+            if r.args:
+                readable.append(Buffer(in_gpa + IN_HDR.size, len(r.args), False, owned=False))
+            writable = [Buffer(out_gpa, 16, True, owned=False)]
+            if r.out_size:
+                writable.append(Buffer(out_gpa + 16, r.out_size, True, owned=False))
+            if r.data is not None:
+                (writable if r.data.writable else readable).append(r.data)
             heads[q.add(readable, writable, publish=False)] = i
         q.publish()
         q.kick()

@@ -96,6 +96,10 @@ class WireStruct:
         replies sent on every request (no per-field lookups)."""
         return self._struct.pack(*values)
 
+    def flat_pack_into(self, buf: Any, offset: int, *values: Any) -> None:
+        """`flat_pack` straight into a writable buffer (a reply header in guest memory)."""
+        self._struct.pack_into(buf, offset, *values)
+
     def pack_into(self, buf: Any, offset: int, _values: Any = None, **kw: Any) -> None:
         if kw:
             base = {} if _values is None else (
@@ -120,6 +124,11 @@ class WireStruct:
         """Unpack exactly `size` bytes into a plain tuple in `flat_fields` order:
         the fast path for headers decoded on every request."""
         return self._struct.unpack(buf)
+
+    def flat_unpack_from(self, buf: Any, offset: int = 0) -> tuple:
+        """`flat_unpack` of the struct at `offset` of a longer buffer (arguments
+        followed by a name); raises `struct.error` if `buf` is short."""
+        return self._struct.unpack_from(buf, offset)
 
     def unpack(self, buf: Any) -> Any:
         """Unpack a buffer that must be exactly `size` bytes long."""

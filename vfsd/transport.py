@@ -4,7 +4,7 @@ One virtio-fs device (virtio spec 5.11): queue 0 is the high-priority queue
 (FORGET, INTERRUPT), queues 1..N carry requests.  Each descriptor chain is one
 request: device-readable buffers hold fuse_in_header and arguments,
 device-writable buffers receive fuse_out_header and the reply, both used in
-place (zero-copy) through `protocol.buffers`.
+place (zero-copy): the FUSE server gets the chain's buffers themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
-from protocol.buffers import Reader, Writer
 from protocol.fuse import Opcode
 from protocol.vhost_user import VhostUserDevice
 
@@ -59,27 +58,26 @@ class VirtioFsDevice(VhostUserDevice):
         # (one thread for every queue, with or without a pool), which lets the
         # ring layer skip its in-flight bookkeeping.
         self.completes_async = self._pool is not None
-        self._handle = server.handle   # bound once: handle_chain runs per request
+        self._handle = server.handle_views   # bound once: handle_chain runs per request
 
     def handle_chain(self, vring, chain):
         # The hiprio queue only carries FORGET/INTERRUPT: cheap and replyless,
-        # and handling them inline keeps them ahead of queued requests.  (The
-        # chain knows its byte counts, so Reader/Writer need not sum the views.)
+        # and handling them inline keeps them ahead of queued requests.
         # The guest kernel never has two requests in flight whose order
         # matters (it waits for the first one's reply): the assumption of any
         # pool, so answering some inline while others run on it is safe too.
         if (self._pool is None or vring.index == HIPRIO_QUEUE
                 or _opcode(chain) not in POOLED):
-            return self._handle(Reader(chain.readable, None, chain.readable_len),
-                                Writer(chain.writable, chain.writable_len))
+            return self._handle(chain.readable, chain.writable, chain.readable_len,
+                                chain.writable_len)
         self._pool.submit(self._run_async, vring, chain)
         return None
 
     def _run_async(self, vring, chain) -> None:
         written = 0
         try:
-            written = self._handle(Reader(chain.readable, None, chain.readable_len),
-                                   Writer(chain.writable, chain.writable_len))
+            written = self._handle(chain.readable, chain.writable, chain.readable_len,
+                                   chain.writable_len)
         except Exception:  # the server logs its own; this is a last resort
             log.exception("queue %d: request failed outside the FUSE server", vring.index)
         finally:

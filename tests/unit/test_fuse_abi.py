@@ -1,5 +1,7 @@
 """FUSE ABI sizes and flag values, against Linux include/uapi/linux/fuse.h (7.38)."""
 
+import struct
+
 import pytest
 
 from protocol import fuse
@@ -126,3 +128,17 @@ def test_server_attr_encoding_matches_keyword_packing():
     assert fuse.fuse_attr_out.unpack(srv._attr_out(sub)).attr.flags == 0
     srv.flags = fuse.InitFlag.SUBMOUNTS
     assert fuse.fuse_entry_out.unpack(srv._entry(Entry(5, 0, sub))).attr.flags == 1
+
+
+def test_flat_unpack_from_and_pack_into():
+    # the arguments inside a longer buffer (a name follows), and a reply
+    # header packed into a slice of guest memory
+    args = fuse.fuse_mkdir_in.pack(mode=0o755, umask=0o22) + b"d\0"
+    assert fuse.fuse_mkdir_in.flat_unpack_from(memoryview(args)) == (0o755, 0o22)
+    assert fuse.fuse_mkdir_in.flat_unpack_from(b"xx" + args, 2) == (0o755, 0o22)
+    with pytest.raises(struct.error):
+        fuse.fuse_mkdir_in.flat_unpack_from(args[:7])
+    buf = bytearray(20)
+    fuse.fuse_out_header.flat_pack_into(memoryview(buf)[4:], 0, 16, -2, 99)
+    assert fuse.fuse_out_header.unpack(bytes(buf[4:])) == (16, -2, 99)
+    assert buf[:4] == b"\0" * 4

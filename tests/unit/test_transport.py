@@ -16,11 +16,16 @@ class Server:
     def __init__(self):
         self.calls = []
 
-    def handle(self, reader, writer):
-        self.calls.append((reader.remaining, writer.capacity, threading.current_thread()))
-        data = reader.read(reader.remaining)
-        writer.write(data[:writer.capacity])
-        return min(len(data), writer.capacity)
+    def handle_views(self, readable, writable, readable_len, writable_len):
+        self.calls.append((readable_len, writable_len, threading.current_thread()))
+        data = b"".join(readable)
+        n = min(len(data), writable_len)
+        pos = 0
+        for w in writable:
+            k = min(len(w), n - pos)
+            w[:k] = data[pos:pos + k]
+            pos += k
+        return n
 
     def reset(self):
         pass

@@ -193,6 +193,33 @@ def write(node: int, fh: int, offset: int, data: Buffer) -> Request:
     return Request(Op.WRITE, node, args, fuse.fuse_write_out.size, data=data)
 
 
+def opendir(node: int) -> Request:
+    return Request(Op.OPENDIR, node, fuse.fuse_open_in.pack(flags=os.O_RDONLY | os.O_DIRECTORY),
+                   fuse.fuse_open_out.size)
+
+
+def readdirplus(node: int, fh: int, offset: int, size: int = 4096) -> Request:
+    """A listing reply of `size` bytes (Linux asks for one page at a time)."""
+    return Request(Op.READDIRPLUS, node, fuse.fuse_read_in.pack(fh=fh, offset=offset, size=size),
+                   size)
+
+
+def releasedir(node: int, fh: int) -> Request:
+    return Request(Op.RELEASEDIR, node, fuse.fuse_release_in.pack(fh=fh), 0)
+
+
+def direntplus(payload: bytes) -> list[tuple[int, int, bytes]]:
+    """(nodeid, offset, name) of each fuse_direntplus in a READDIRPLUS reply."""
+    out, pos, size = [], 0, fuse.fuse_direntplus.size
+    while pos + size <= len(payload):
+        nodeid = struct.unpack_from("<Q", payload, pos)[0]
+        _ino, off, namelen, _type = fuse.fuse_dirent.flat_unpack_from(
+            payload, pos + fuse.fuse_entry_out.size)
+        out.append((nodeid, off, payload[pos + size:pos + size + namelen]))
+        pos += fuse.dirent_align(size + namelen)
+    return out
+
+
 def unlink(parent: int, name: bytes) -> Request:
     return Request(Op.UNLINK, parent, name_arg(name), 0)
 

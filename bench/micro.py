@@ -264,6 +264,37 @@ class Bench:
         self.forget([(nd, 1) for _, nd in made])
         made.clear()
 
+    def readdirplus(self) -> Figure:
+        """`ls -l` of a directory the guest has not cached: OPENDIR, READDIRPLUS replies of
+        4 KiB through all of `files` (each entry looked up), RELEASEDIR; then every node
+        the listing looked up is forgotten, untimed.  Per entry (CPU too); the replies
+        follow one another, as the guest kernel's do."""
+        state = {"nodes": []}
+
+        def step():
+            err, p = self.pipe.run([C.opendir(self.files_node)], True)[0]
+            if err:
+                raise OSError(err, "OPENDIR")
+            fh, offset, entries, nodes = C.open_fh(p), 0, 0, state["nodes"]
+            while True:
+                err, p = self.pipe.run([C.readdirplus(self.files_node, fh, offset)], True)[0]
+                if err:
+                    raise OSError(err, "READDIRPLUS")
+                listed = C.direntplus(p)
+                if not listed:
+                    break
+                for nodeid, offset, _name in listed:
+                    if nodeid:
+                        nodes.append(nodeid)
+                entries += len(listed)
+            self._ok(self.pipe.run([C.releasedir(self.files_node, fh)]))
+            return entries, entries, 0
+
+        def forget():
+            self.forget([(n, 1) for n in state["nodes"]])
+            state["nodes"] = []
+        return self._loop(step, forget)
+
     def _open(self, node: int) -> int:
         err, p = self.pipe.run([C.open_(node)], True)[0]
         if err:
@@ -345,6 +376,8 @@ FUSE_OPS = [  # key, label, method, unit
     ("getattr", "GETATTR", "getattr", "req/s"),
     ("chown", "SETATTR uid,gid (chown)", "chown", "req/s"),
     ("create", "CREATE+SETATTR(uid,gid)+RELEASE", "create_setattr", "files/s"),
+    ("readdirplus", "READDIRPLUS of a directory, per entry (ls -l)", "readdirplus",
+     "entries/s"),
     ("read4k", "READ 4 KiB", "read4k", "req/s"),
     ("read1m", "READ 1 MiB", "read1m", "MB/s"),
     ("write1m", "WRITE 1 MiB", "write1m", "MB/s"),
@@ -462,6 +495,25 @@ def direct(share: Path, key: str, min_time: float, nfiles: int, big: int) -> dic
             for nm in made:
                 os.unlink(nm, dir_fd=nd)
             os.close(nd)
+        elif key == "readdirplus":
+            def plain(n):  # ls -l: the listing, an lstat per entry
+                done = 0
+                while done < n:
+                    for d in os.scandir(files):
+                        d.stat(follow_symlinks=False)
+                        done += 1
+
+            def vfsd(n):  # the listing, then LOOKUP's syscalls per entry (record read)
+                done = 0
+                while done < n:
+                    for nm in os.listdir(files):
+                        fd = os.open(nm, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                        os.fstat(fd)
+                        os.getxattr(_proc(fd), "user.o")
+                        os.close(fd)
+                        done += 1
+            out["plain"] = loop(plain, nfiles)
+            out["vfsd"] = loop(vfsd, nfiles)
         elif key == "read4k":
             fd = os.open(names[1], os.O_RDONLY, dir_fd=dfd)
             buf = memoryview(bytearray(4096))
@@ -581,14 +633,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reference", action="store_true",
                    help="also run the FUSE ops against the C virtiofsd (as root, -o cache=auto) "
                         "and print the two daemons side by side")
+    p.add_argument("--ops", metavar="OP[,OP...]",
+                   help="only these FUSE operations (" + ",".join(k for k, *_ in FUSE_OPS) + ")")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     a = p.parse_args(argv)
+    keys = [k for k, *_ in FUSE_OPS]
+    if a.ops:
+        unknown = set(a.ops.split(",")) - set(keys)
+        if unknown:
+            p.error(f"--ops: unknown {', '.join(sorted(unknown))}")
+        keys = [k for k in keys if k in a.ops.split(",")]
     if a.reference and CVirtiofsd.available():
         p.error(f"--reference: {CVirtiofsd.available()}")
     if a.compare:
         return compare(a.compare.split(","), a.rounds, a.depth, a.time or (0.4 if a.quick
                                                                               else 1.0),
-                       a.files)
+                       a.files, keys)
     min_time = a.time or (0.4 if a.quick else 1.5)
     big = 64 * MiB
     workdir = make_workdir()
@@ -596,7 +656,6 @@ def main(argv: list[str]) -> int:
     try:
         note(f"micro: making the share ({a.files} files, {big // MiB} MiB file) in {workdir}")
         make_share(share, a.files, big)
-        keys = [k for k, *_ in FUSE_OPS]
         note("micro: FUSE ops at depth 1")
         d1 = run_fuse(workdir, share, depth=1, min_time=min_time, nfiles=a.files, big=big,
                       ops=keys)
@@ -636,8 +695,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def compare(revs: list[str], rounds: int, depth: int, min_time: float, nfiles: int) -> int:
-    """The FUSE ops against the daemon's code at several revisions, interleaved."""
+def compare(revs: list[str], rounds: int, depth: int, min_time: float, nfiles: int,
+            keys: list[str]) -> int:
+    """The FUSE ops `keys` against the daemon's code at several revisions, interleaved."""
     import statistics
     from .common import source_at
     big = 64 * MiB
@@ -647,7 +707,6 @@ def compare(revs: list[str], rounds: int, depth: int, min_time: float, nfiles: i
         roots = {}
         for rev in revs:
             roots[rev] = None if rev == "worktree" else source_at(rev, workdir / f"src-{rev}")
-        keys = [k for k, *_ in FUSE_OPS]
         got: dict[str, dict[str, list[Figure]]] = {r: {k: [] for k in keys} for r in revs}
         for rnd in range(rounds):
             for rev in revs:
@@ -658,6 +717,8 @@ def compare(revs: list[str], rounds: int, depth: int, min_time: float, nfiles: i
                     got[rev][k].append(res[k])
         rows = []
         for key, label, _m, unit in FUSE_OPS:
+            if key not in keys:
+                continue
             row = [label, unit]
             for rev in revs:
                 figs = got[rev][key]
@@ -689,6 +750,8 @@ def _value(f: Figure | None, unit: str) -> float | None:
 def report_main(d1, dn, dr, depth: int) -> str:
     rows = []
     for key, label, _m, unit in FUSE_OPS:
+        if key not in d1:
+            continue
         a, b = d1.get(key), dn.get(key)
         plain = dr.get(key, {}).get("plain")
         same = dr.get(key, {}).get("vfsd")

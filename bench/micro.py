@@ -264,6 +264,46 @@ class Bench:
         self.forget([(nd, 1) for _, nd in made])
         made.clear()
 
+    def remove(self) -> Figure:
+        """`rm` of files the guest has looked up, as the guest sends it: per file a GETATTR
+        of the directory (the guest re-checks its permission there after every UNLINK), the
+        UNLINK, and the FORGET of the removed node on the hiprio queue (one FORGET each, as
+        its inode eviction sends them).  Per file; the files (one block each, as the guest
+        workload's) are made on the host and looked up between passes, untimed."""
+        chunk = 200
+        d = self.new_node
+        state = {"made": []}
+
+        def make():
+            base = self._ctr
+            self._ctr += chunk
+            names = [b"r%08d" % (base + k) for k in range(chunk)]
+            dfd = os.open(self.share / "new", os.O_PATH | os.O_DIRECTORY)
+            try:
+                for nm in names:
+                    fd = os.open(nm, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644, dir_fd=dfd)
+                    os.write(fd, b"x\n")
+                    os.close(fd)
+            finally:
+                os.close(dfd)
+            res = self._batches([C.lookup(d, nm) for nm in names], True)
+            self._ok(res)
+            state["made"] = [(nm, C.entry_nodeid(p)) for nm, (_, p) in zip(names, res)]
+
+        def step():
+            made = state["made"]
+            for nm, node in made:
+                self._ok(self.pipe.run([C.getattr_(d)]))
+                self._ok(self.pipe.run([C.unlink(d, nm)]))
+                self.pipe.hiprio(fuse.Opcode.FORGET, node, fuse.fuse_forget_in.pack(nlookup=1))
+            return len(made), 3 * len(made), 0
+        make()
+        f = self._loop(step, make)
+        for nm, node in state["made"]:
+            os.unlink(self.share / "new" / os.fsdecode(nm))
+        self.forget([(node, 1) for _, node in state["made"]])
+        return f
+
     def readdirplus(self) -> Figure:
         """`ls -l` of a directory the guest has not cached: OPENDIR, READDIRPLUS replies of
         4 KiB through all of `files` (each entry looked up), RELEASEDIR; then every node
@@ -378,6 +418,7 @@ FUSE_OPS = [  # key, label, method, unit
     ("create", "CREATE+SETATTR(uid,gid)+RELEASE", "create_setattr", "files/s"),
     ("readdirplus", "READDIRPLUS of a directory, per entry (ls -l)", "readdirplus",
      "entries/s"),
+    ("remove", "GETATTR(dir)+UNLINK+FORGET (rm), per file", "remove", "files/s"),
     ("read4k", "READ 4 KiB", "read4k", "req/s"),
     ("read1m", "READ 1 MiB", "read1m", "MB/s"),
     ("write1m", "WRITE 1 MiB", "write1m", "MB/s"),
@@ -760,7 +801,7 @@ def report_main(d1, dn, dr, depth: int) -> str:
         rows.append([label, unit, _value(a, unit), a.us_per_op if a else None,
                      vb, b.cpu_us_per_req if b else None,
                      _value(plain, unit),
-                     _value(same, unit) if same is not plain else "same",
+                     _value(same, unit) if same is not plain else "same" if plain else "-",
                      ratio])
     hdr = ["operation", "unit", "vfsd d=1", "µs/op d=1", f"vfsd d={depth}",
            f"daemon CPU µs/req d={depth}", "direct: plain", "direct: vfsd's syscalls",

@@ -34,6 +34,7 @@ from collections import OrderedDict
 
 from . import ownership, syscalls
 from . import posix_acl as pacl
+from .closer import FdCloser
 from .fsapi import Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
 from .ownership import Record, RecordError
 from .syscalls import proc_fd
@@ -182,6 +183,8 @@ class PassthroughFs:
         self.key = key
         self.readonly = readonly
         self._lock = threading.Lock()
+        # The fds of forgotten nodes are closed there (see vfsd/closer.py).
+        self.closer = FdCloser()
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int], Inode] = {}
         self._next_id = itertools.count(ROOT_ID + 1)
@@ -313,7 +316,7 @@ class PassthroughFs:
         with self._lock:
             ino = self._drop(nodeid, nlookup)
         if ino is not None:
-            self._close_node(ino)
+            self.closer.close_later(self._node_fds(ino))
 
     def _drop(self, nodeid: int, nlookup: int) -> Inode | None:
         """Take `nlookup` lookups off a node; the node if that was its last
@@ -335,24 +338,23 @@ class PassthroughFs:
         return ino
 
     @staticmethod
-    def _close_node(ino: Inode) -> None:
-        os.close(ino.fd)
-        for fd in ino.retired_fds or ():
-            os.close(fd)
+    def _node_fds(ino: Inode) -> list[int]:
+        if ino.retired_fds:
+            return [ino.fd, *ino.retired_fds]
+        return [ino.fd]
 
     def batch_forget(self, items) -> None:
-        # One table lock for the whole batch; the fds are closed outside it
-        # (closing an unlinked file's last fd frees it on the host: slow).
-        dead = []
+        # One table lock for the whole batch; the fds are closed outside it,
+        # on the closer's thread (an unlinked file's last close frees it).
+        dead: list[int] = []
         try:
             with self._lock:
                 for item in items:
                     ino = self._drop(item.nodeid, item.nlookup)
                     if ino is not None:
-                        dead.append(ino)
+                        dead += self._node_fds(ino)
         finally:
-            for ino in dead:
-                self._close_node(ino)
+            self.closer.close_later(dead)
 
     def destroy(self) -> None:
         """The guest unmounted: drop every handle and every node but the root."""
@@ -367,7 +369,9 @@ class PassthroughFs:
         for h in handles.values():
             os.close(h.fd)
         for ino in nodes:
-            self._close_node(ino)
+            for fd in self._node_fds(ino):
+                os.close(fd)
+        self.closer.drain()  # and the fds of the nodes forgotten before
 
     # ------------------------------------------------------------------
     # Records

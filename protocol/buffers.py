@@ -9,6 +9,8 @@ headers are copied, bulk data is handed out as zero-copy views for
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate, islice
 from typing import Sequence
 
 
@@ -20,6 +22,16 @@ def _take(views: Sequence[memoryview], index: int, offset: int, n: int
           ) -> tuple[list[memoryview], int, int]:
     """Slice `n` bytes starting at (index, offset); returns views and new position."""
     out: list[memoryview] = []
+    if offset == 0 and n > 0:
+        # Whole buffers first, found without a Python loop: bulk data is page
+        # after page (Linux gives each page of a READ or WRITE a descriptor
+        # of its own), up to 256 of them.
+        ends = list(accumulate(map(len, islice(views, index, None))))
+        whole = bisect_right(ends, n)
+        if whole:
+            out = list(islice(views, index, index + whole))  # (empty ones do no harm)
+            index += whole
+            n -= ends[whole - 1]
     while n > 0:
         if index >= len(views):
             raise BufferError_("buffer exhausted")

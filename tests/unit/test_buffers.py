@@ -74,3 +74,24 @@ def test_writer_write_across_buffers():
     assert a == b"xyz" and b == b"uvw\0\0" and w.written == 6
     with pytest.raises(BufferError_):
         w.write(b"123")
+
+
+def test_views_of_whole_pages_are_the_buffers_themselves():
+    # A WRITE's data: page after page, each a buffer of its own; the views handed
+    # out are those buffers (no copies, no new slices), then a part of the next.
+    pages = mv(b"h" * 8, *(bytes([65 + i]) * 4096 for i in range(5)), b"tail")
+    r = Reader(pages)
+    assert r.read(8) == b"h" * 8
+    got = r.views(3 * 4096 + 100)
+    assert got[:3] == pages[1:4] and all(g is p for g, p in zip(got, pages[1:4]))
+    assert bytes(got[3]) == b"D" * 100 and (r._index, r._offset) == (4, 100)
+    assert [bytes(v) for v in r.views(3996 + 4096 + 4)] == [b"D" * 3996, b"E" * 4096, b"tail"]
+    assert r.remaining == 0
+
+
+def test_views_over_empty_buffers_and_past_the_end():
+    r = Reader(mv(b"ab", b"", b"cd", b""), limit=None)
+    assert b"".join(map(bytes, r.views(4))) == b"abcd"
+    r = Reader(mv(b"ab", b"cd"), None, 10)   # a total that lies about the buffers
+    with pytest.raises(BufferError_):
+        r.views(5)

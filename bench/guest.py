@@ -144,12 +144,19 @@ def bench_kernel() -> tuple[Kernel, str]:
                f"using {k.version}; the 9p backend is skipped")
 
 
-def count_requests(log: str, script: str) -> tuple[dict, dict]:
-    """Requests by opcode in vfsd's debug log, in all and per phase.  In counting mode every
-    `mark` and `drop` in the script does one `sync` (a SYNCFS request), so the log is cut at
-    the SYNCFS lines and the cuts are matched to the script's marks in order."""
+#: A request's opcode in the debug log of each daemon: vfsd's `FuseServer` and the C
+#: virtiofsd's `-d` ("unique: 5, opcode: LOOKUP (1), nodeid: 1, ...").
+REQUEST_LINE = {"vfsd": r"vfsd\.server: ([A-Z_0-9]+) unique=",
+                "virtiofsd": r"unique: \d+, opcode: ([A-Z_0-9]+) \("}
+
+
+def count_requests(log: str, script: str, daemon: str = "vfsd") -> tuple[dict, dict]:
+    """Requests by opcode in a daemon's debug log, in all and per phase.  In counting mode
+    every `mark` and `drop` in the script does one `sync` (a SYNCFS request), so the log is
+    cut at the SYNCFS lines and the cuts are matched to the script's marks in order."""
     from collections import Counter
-    ops = re.findall(r"vfsd\.server: ([A-Z_0-9]+) unique=", log)
+    ops = [o for o in re.findall(REQUEST_LINE[daemon], log, re.M)
+           if o not in ("FORGET", "BATCH_FORGET")]   # (vfsd does not log them)
     total = Counter(o for o in ops if o != "SYNCFS")
     steps = re.findall(r"^(?:mark (\S+)|(drop))$", script, re.M)
     steps = [m or "drop" for m, _ in steps]
@@ -257,11 +264,14 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
             if r.status != 0:
                 r.daemon_log = d.d.log_text()
     elif backend == "virtiofsd":
-        with CVirtiofsd(workdir, share, virtiofsd_args) as d:
+        with CVirtiofsd(workdir, share, [*virtiofsd_args, *(["-d"] if count else [])]) as d:
             mon = SessionCpu(d.pid)
             r = run_guest(script, socket_path=d.socket_path, **common)
             info["daemon_cpu"] = round(mon.stop(), 2)
             info["daemon_exit"] = d.wait_exit(20)
+        if count:
+            info["requests"], info["phase_requests"] = count_requests(
+                d.log_path.read_text(errors="replace"), script, "virtiofsd")
         if r.status != 0:
             r.daemon_log = d.log_path.read_text(errors="replace")
     elif backend == "9p":
@@ -303,8 +313,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vfsd-args", default="",
                    help="extra vfsd options, e.g. '--thread-pool-size 4' or '--cache always'")
     p.add_argument("--count-requests", action="store_true",
-                   help="run vfsd with --log-level debug and print how many FUSE requests of "
-                        "each kind the workload sent (the logging slows vfsd down)")
+                   help="run vfsd with --log-level debug (the C virtiofsd with -d) and print "
+                        "how many FUSE requests of each kind the workload sent to each, per "
+                        "phase (the logging slows the daemons down)")
     p.add_argument("--profile", type=int, metavar="TOP", default=0,
                    help="run vfsd under cProfile (all threads) and print its TOP functions "
                         "for the whole workload (the profiler slows vfsd 2-3x)")

@@ -117,6 +117,14 @@ def main(argv: list[str]) -> int:
                 for i in range(0, len(items), 500):
                     pipe.hiprio(fuse.Opcode.BATCH_FORGET, 0, C.batch_forget_args(items[i:i + 500]))
                 sess.client.getattr(1)  # a round trip: the forgets before it are done
+                # ... and their fds are closed by vfsd's closer thread soon after
+                deadline, last = time.monotonic() + 5, open_fds(pid)
+                while time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    now = open_fds(pid)
+                    if now >= last:
+                        break
+                    last = now
 
             for rnd in (1, 2):
                 t0, c0 = time.perf_counter(), cpu_seconds(pid)

@@ -9,18 +9,11 @@ import time
 
 import pytest
 
+from tests.fds import is_open
 from vfsd import closer as closer_mod
 from vfsd.closer import FdCloser
 from vfsd.fsapi import Ctx
 from vfsd.passthrough import PassthroughFs
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def pipes(n: int) -> list[int]:

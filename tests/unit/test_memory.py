@@ -8,6 +8,7 @@ import os
 import pytest
 
 from protocol.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from tests.fds import is_open
 
 A = 0x1000_0000
 UVA = 0x7F00_0000_0000
@@ -138,21 +139,13 @@ def _memfd(size: int, fill: bytes = b"") -> int:
     return fd
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-
 def test_map_memfd_with_unaligned_offset_and_fd_closed():
     page = mmap.PAGESIZE
     pattern = bytes(range(256)) * (3 * page // 256)
     fd = _memfd(3 * page, pattern)
     region = MemoryRegion(A, page, UVA, page + 0x123)  # offset not page-aligned
     mem = GuestMemory.map_regions([(region, fd)])
-    assert not _is_open(fd), "the region fd must be closed once mapped"
+    assert not is_open(fd), "the region fd must be closed once mapped"
     (v,) = mem.views(A, 16)
     assert bytes(v) == pattern[page + 0x123:page + 0x123 + 16]
     assert mem.regions == (region,)
@@ -176,7 +169,7 @@ def test_map_failure_closes_fd():
     fd = os.open("/dev/null", os.O_RDONLY)
     with pytest.raises(GuestMemoryError, match="cannot map"):
         GuestMemory.map_regions([(MemoryRegion(A, 4096, UVA, 0), fd)])
-    assert not _is_open(fd)
+    assert not is_open(fd)
 
 
 def test_with_and_without_region_share_mappings():
@@ -186,7 +179,7 @@ def test_with_and_without_region_share_mappings():
     r2 = MemoryRegion(A + page, page, UVA + page, 0)
     m1 = GuestMemory.map_regions([(r1, fd1)])
     m2 = m1.with_region(r2, fd2)
-    assert not _is_open(fd2)
+    assert not is_open(fd2)
     assert len(m1) == 1 and len(m2) == 2  # immutable: m1 unchanged
     m2.views(A, 1)[0][0] = 0x42
     assert m1.views(A, 1)[0][0] == 0x42  # the same mapping, not a remap

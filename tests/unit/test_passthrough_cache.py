@@ -11,6 +11,7 @@ import stat
 
 import pytest
 
+from tests.fds import open_fds
 from vfsd import ownership
 from vfsd import posix_acl as pa
 from vfsd.fsapi import NOW, Ctx, SetAttr
@@ -277,26 +278,22 @@ def test_nodes_with_the_same_record_share_one_record_object(fs, share):
     assert bad.attr.uid == os.getuid()   # an invalid record still shows the default owner
 
 
-def fds():
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_batch_forget_closes_what_is_forgotten_and_nothing_else(fs, share):
     for n in "abc":
         host_file(share, n)
-    before = fds()
+    before = open_fds()
     ids = [fs.lookup(CTX, 1, n).nodeid for n in (b"a", b"b", b"c")]
     fs.lookup(CTX, 1, b"a")              # a: two lookups
-    assert fds() == before + 3
+    assert open_fds() == before + 3
     fs.batch_forget([Forget(ids[0], 1), Forget(ids[1], 1), Forget(999, 1), Forget(1, 5)])
     fs.closer.drain()                    # closed on the closer's thread
-    assert fds() == before + 2           # a still live, b closed, unknown and root ignored
+    assert open_fds() == before + 2           # a still live, b closed, unknown and root ignored
     assert fs.getattr(CTX, ids[0], None).size == 1
     with pytest.raises(OSError):
         fs.getattr(CTX, ids[1], None)
     fs.batch_forget([Forget(ids[0], 1), Forget(ids[2], 1)])
     fs.closer.drain()
-    assert fds() == before
+    assert open_fds() == before
     assert fs.getattr(CTX, 1, None)      # the root stays
 
 

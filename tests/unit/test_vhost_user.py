@@ -24,6 +24,7 @@ import pytest
 from protocol import vhost_user as vu
 from protocol.vhost_user import (ProtocolFeature, Request, VhostUserBackend, VhostUserDevice,
                                  accept_one, listen_unix)
+from tests.fds import open_fds
 from tests.unit.test_virtqueue import RingDriver
 
 TIMEOUT = 3.0
@@ -123,10 +124,6 @@ def wait_fd(fd: int, timeout: float = TIMEOUT) -> bool:
         os.read(fd, 8)
         return True
     return False
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class Harness:
@@ -802,15 +799,21 @@ def wait_until(predicate, what: str) -> None:
         time.sleep(0.005)
 
 
+def the_one_worker(h) -> threading.Thread:
+    """The thread that served both rings' requests, checked to be the backend's shared one."""
+    assert {i for i, _ in h.device.threads} == {0, 1}
+    threads = {t for _, t in h.device.threads}
+    assert len(threads) == 1, threads
+    (worker,) = threads
+    assert worker is h.backend._shared_worker.thread and worker.name == "vhost-user-rings"
+    return worker
+
+
 def test_one_worker_rings_share_one_thread(hs):
     hs.start()
     for i in (0, 1, 0, 1):
         assert hs.request(i, b"queue %d" % i) == (7, b"queue %d" % i)
-    assert {i for i, _ in hs.device.threads} == {0, 1}
-    threads = {t for _, t in hs.device.threads}
-    assert len(threads) == 1, threads
-    (worker,) = threads
-    assert worker is hs.backend._shared_worker.thread and worker.name == "vhost-user-rings"
+    worker = the_one_worker(hs)
     assert worker is not hs.thread and worker is not threading.current_thread()
     assert all(v.started and v._shared is hs.backend._shared_worker for v in hs.backend.vrings)
 
@@ -822,11 +825,7 @@ def test_async_device_rings_share_one_thread(ha):
     for i in (0, 1, 0, 1):
         assert ha.request(i, b"ASYNC %d" % i) == (7, b"ASYNC %d" % i)   # completed elsewhere
         assert ha.request(i, b"inline %d" % i) == (8, b"inline %d" % i)
-    assert {i for i, _ in ha.device.threads} == {0, 1}
-    threads = {t for _, t in ha.device.threads}
-    assert len(threads) == 1, threads
-    (worker,) = threads
-    assert worker is ha.backend._shared_worker.thread and worker.name == "vhost-user-rings"
+    the_one_worker(ha)
     names = {t.name for t in threading.enumerate()}
     assert not any(n.startswith("vhost-user-vq") for n in names), names
     assert all(v.inflight == 0 for v in ha.backend.vrings)

@@ -117,6 +117,12 @@ class FuseServer:
         self._dir_open_flags = self._open_flags(is_dir=True)
         self._entry_valid = _split_seconds(self.opts.entry_timeout)
         self._attr_valid = _split_seconds(self.opts.attr_timeout)
+        # LOOKUP of a name that is not there: fuse_entry_out with nodeid 0 is
+        # ENOENT "but with valid timeout" (fs/fuse/dir.c, fuse_lookup_name), a
+        # negative dentry the guest keeps as long as a positive one.
+        self._negative_entry = (fuse.fuse_entry_out.pack(
+            entry_valid=self._entry_valid[0], entry_valid_nsec=self._entry_valid[1])
+            if self.opts.entry_timeout > 0 else None)
         # Handlers of requests whose arguments are fixed structs and names:
         # they get the arguments as one bytes-like object, and `handle_views`
         # can serve them straight from the guest's buffers.  The guest kernel
@@ -539,7 +545,13 @@ class FuseServer:
     # guest can change at any time: each field is read from it once (struct
     # unpacking, or one copy of a name) and checked after that.
     def _lookup(self, ctx, nodeid, args) -> bytes:
-        return self._entry(self.fs.lookup(ctx, nodeid, _parse_names(args, 1)[0]))
+        name = _parse_names(args, 1)[0]
+        try:
+            return self._entry(self.fs.lookup(ctx, nodeid, name))
+        except FileNotFoundError:
+            if self._negative_entry is None:
+                raise
+            return self._negative_entry
 
     def _forget(self, ctx, nodeid, args) -> None:
         (nlookup,) = fuse.fuse_forget_in.flat_unpack_from(args)
@@ -729,7 +741,7 @@ class FuseServer:
                 entry = None
                 if d.name not in (b".", b".."):
                     try:
-                        entry = self.fs.lookup(ctx, nodeid, d.name)
+                        entry = self.fs.lookup(ctx, nodeid, d.name, d.ino)
                     except OSError:
                         entry = None  # vanished since listed: plain entry
                 if entry is None:  # nodeid 0: the kernel links nothing for it

@@ -364,3 +364,60 @@ def test_the_host_mode_follows_the_record_a_setattr_writes(fs, share, host_chmod
     a = fs.setattr(CTX, e.nodeid, SetAttr(uid=5, mode=0o700))
     assert (a.uid, a.mode) == (5, 0o100700) and stat.S_IMODE(os.stat(p).st_mode) == 0o700
     assert a.ctime_ns == os.stat(p).st_ctime_ns   # the reply shows the host after the chmod
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Counts of os.open / os.stat calls made through the os module."""
+    counts = collections.Counter()
+    for fn in ("open", "stat"):
+        real = getattr(os, fn)
+
+        def wrapper(*a, _real=real, _fn=fn, **kw):
+            counts[_fn] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(os, fn, wrapper)
+    return counts
+
+
+def test_a_live_node_is_found_by_one_stat_without_opening_it(fs, share, opens):
+    (share / "f").write_bytes(b"abc")
+    first = fs.lookup(CTX, 1, b"f")
+    assert opens["open"] == 1
+    again = fs.lookup(CTX, 1, b"f")
+    assert again.nodeid == first.nodeid and again.attr.size == 3
+    assert opens["open"] == 1 and opens["stat"] == 2   # no open (nor close) the second time
+    os.link(share / "f", share / "hard")
+    assert fs.lookup(CTX, 1, b"hard").nodeid == first.nodeid   # same host inode, same node
+    assert opens["open"] == 1
+    fs.forget(first.nodeid, 2)
+    assert fs._inode(first.nodeid)   # three lookups: still live after two forgotten
+    fs.forget(first.nodeid, 1)
+    with pytest.raises(OSError):
+        fs._inode(first.nodeid)
+
+
+def test_a_name_replaced_on_the_host_names_the_new_inode(fs, share):
+    (share / "f").write_bytes(b"old")
+    old = fs.lookup(CTX, 1, b"f")
+    (share / "g").write_bytes(b"newer")
+    os.rename(share / "g", share / "f")
+    new = fs.lookup(CTX, 1, b"f")
+    assert new.nodeid != old.nodeid and new.attr.size == 5
+    assert fs.getattr(CTX, old.nodeid, None).size == 3   # the old node is the old inode
+    with pytest.raises(FileNotFoundError):
+        fs.lookup(CTX, 1, b"gone")
+
+
+def test_a_listed_entry_that_is_not_live_is_opened_at_once(fs, share, opens):
+    (share / "f").write_bytes(b"abc")
+    ino = os.stat(share / "f").st_ino
+    opens.clear()
+    e = fs.lookup(CTX, 1, b"f", listed_ino=ino)
+    assert (opens["open"], opens["stat"]) == (1, 0)   # READDIRPLUS of a new entry: no stat first
+    assert fs.lookup(CTX, 1, b"f", listed_ino=ino).nodeid == e.nodeid
+    assert (opens["open"], opens["stat"]) == (1, 1)   # live: the stat, no open
+    # A stale listing (the name now names another inode) still finds the right one.
+    (share / "g").write_bytes(b"newer")
+    os.rename(share / "g", share / "f")
+    assert fs.lookup(CTX, 1, b"f", listed_ino=ino).attr.size == 5

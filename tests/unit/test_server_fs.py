@@ -383,6 +383,28 @@ def test_guest_chown_of_host_special_file(s, tmp_path, kind):
     assert a2.uid == 77
 
 
+@pytest.mark.parametrize("timeout", [1.5, 0.0])
+def test_lookup_of_a_missing_name_is_a_negative_entry_while_entries_are_cached(tmp_path,
+                                                                                timeout):
+    # fs/fuse/dir.c fuse_lookup_name: "Zero nodeid is same as -ENOENT, but with
+    # valid timeout"; with no entry caching (cache=never) it is a plain ENOENT.
+    from vfsd.server import SessionOptions
+    (tmp_path / "share").mkdir()
+    s = Session(tmp_path / "share", "views")
+    s.server = FuseServer(s.fs, SessionOptions(entry_timeout=timeout, attr_timeout=timeout))
+    assert s.call(fuse.Opcode.INIT, 0, fuse.fuse_init_in.pack(major=7, minor=38))[0] == 0
+    err, body = s.call(fuse.Opcode.LOOKUP, 1, b"missing\0")
+    if timeout:
+        assert err == 0
+        e = s.entry(body)
+        assert (e.nodeid, e.entry_valid, e.entry_valid_nsec) == (0, 1, 500_000_000)
+        assert e.attr.ino == 0 and e.attr.mode == 0
+    else:
+        assert err == errno.ENOENT and body == b""
+    assert s.call(fuse.Opcode.LOOKUP, 1, b"a/b\0")[0] == errno.EINVAL  # still refused
+    assert s.call(fuse.Opcode.LOOKUP, 99, b"x\0")[0] == errno.EBADF   # unknown parent
+
+
 def test_security_ctx_extension_labels_new_files(tmp_path):
     from vfsd.server import SessionOptions
     (tmp_path / "share").mkdir()

@@ -77,7 +77,8 @@ class Inode:
     makes and forgets thousands of them, each a LOOKUP on the hot path."""
 
     __slots__ = ("nodeid", "fd", "path", "key", "nlookup", "record", "record_loaded",
-                 "bad_record_logged", "retired_fds", "default", "xabsent", "seen_ctime")
+                 "bad_record_logged", "retired_fds", "default", "xabsent", "seen_ctime",
+                 "live_children")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], nlookup: int = 0):
         self.nodeid = nodeid
@@ -108,6 +109,9 @@ class Inode:
         # before the getxattr), or just after this daemon wrote it; None when
         # unknown.  What PassthroughFs._forgotten checks a record against.
         self.seen_ctime: int | None = None
+        # Whether the last LOOKUP of a name in this directory found a live
+        # node (PassthroughFs.lookup: which way to look the next one up).
+        self.live_children = True
 
     @property
     def lock(self) -> threading.Lock:
@@ -748,16 +752,23 @@ class PassthroughFs:
         """`listed_ino`: the host inode number a listing of the parent showed
         for `name` (READDIRPLUS), or 0; only a hint of whether it is live."""
         parent = self._inode(parent_id)
-        # Most names the guest looks up name a live node: its kernel
-        # revalidates the dentries it holds (LOOKUP once the entry timeout is
-        # past: 13,000 of the 16,000 LOOKUPs of an untar), and READDIRPLUS
-        # looks up every entry of a directory it has walked.  One fstatat
-        # finds such a node by its host inode (which the node's open fd keeps
-        # from being freed, so its number cannot name another inode); only a
-        # node that is not live needs the open (and fstat) that enters it.
-        # A listed entry whose inode is not live goes there at once.
+        # Many names the guest looks up name a live node: its kernel
+        # revalidates dentries it holds (a tar's mkdir of each leading
+        # directory of every file it extracts makes it send LOOKUPs of all
+        # of them: 4 of the 6 LOOKUPs per file), and READDIRPLUS looks up
+        # every entry of a directory it has walked.  One fstatat finds such a
+        # node by its host inode (which the node's open fd keeps from being
+        # freed, so its number cannot name another inode); only a node that
+        # is not live needs the open (and fstat) that enters it.  Which way
+        # goes first follows the listing for READDIRPLUS, and for LOOKUP what
+        # the parent's last lookup found (after drop_caches, or in a `find`,
+        # none of the names is live, and a stat first would be one syscall more).
         ino = None
-        if not listed_ino or (parent.key[0], listed_ino) in self._by_key:
+        if listed_ino:
+            probe = (parent.key[0], listed_ino) in self._by_key
+        else:
+            probe = parent.live_children
+        if probe:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
             with self._lock:
                 ino = self._by_key.get((st.st_dev, st.st_ino))
@@ -766,6 +777,9 @@ class PassthroughFs:
         if ino is None:
             fd, st = self._open_child(parent, name)
             ino = self._adopt(fd, st)
+            probe = ino.nlookup > 1  # (it was live after all: a hint only)
+        if not listed_ino:
+            parent.live_children = probe
         return self._entry(ino, st, parent)
 
     def getattr(self, ctx: Ctx, nodeid: int, fh: int | None) -> Attr:

@@ -383,18 +383,34 @@ def opens(monkeypatch):
 def test_a_live_node_is_found_by_one_stat_without_opening_it(fs, share, opens):
     (share / "f").write_bytes(b"abc")
     first = fs.lookup(CTX, 1, b"f")
-    assert opens["open"] == 1
-    again = fs.lookup(CTX, 1, b"f")
-    assert again.nodeid == first.nodeid and again.attr.size == 3
-    assert opens["open"] == 1 and opens["stat"] == 2   # no open (nor close) the second time
+    again = fs.lookup(CTX, 1, b"f")   # (the last lookup here found a new node: opened)
+    assert again.nodeid == first.nodeid
+    opens.clear()
+    third = fs.lookup(CTX, 1, b"f")   # the last one found a live node: a stat finds it
+    assert third.nodeid == first.nodeid and third.attr.size == 3
+    assert (opens["open"], opens["stat"]) == (0, 1)   # no open (nor close)
     os.link(share / "f", share / "hard")
     assert fs.lookup(CTX, 1, b"hard").nodeid == first.nodeid   # same host inode, same node
-    assert opens["open"] == 1
-    fs.forget(first.nodeid, 2)
-    assert fs._inode(first.nodeid)   # three lookups: still live after two forgotten
+    assert opens["open"] == 0
+    fs.forget(first.nodeid, 3)
+    assert fs._inode(first.nodeid)   # four lookups: still live after three forgotten
     fs.forget(first.nodeid, 1)
     with pytest.raises(OSError):
         fs._inode(first.nodeid)
+
+
+def test_after_a_new_node_the_next_lookup_opens_without_a_stat_first(fs, share, opens):
+    for n in ("a", "b", "c"):
+        (share / n).write_bytes(b"x")
+    fs.lookup(CTX, 1, b"a")   # a new node: the directory's names are not live
+    opens.clear()
+    fs.lookup(CTX, 1, b"b")
+    assert (opens["open"], opens["stat"]) == (1, 0)   # (drop_caches, find: no stat first)
+    with pytest.raises(FileNotFoundError):
+        fs.lookup(CTX, 1, b"missing")   # a miss changes nothing
+    opens.clear()
+    fs.lookup(CTX, 1, b"c")
+    assert (opens["open"], opens["stat"]) == (1, 0)
 
 
 def test_a_name_replaced_on_the_host_names_the_new_inode(fs, share):

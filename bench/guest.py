@@ -308,8 +308,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true",
                    help="500 small files, 500-file 5 MB tree, 32 MiB file (under 3 minutes)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="boot each backend this many times (interleaved); the table shows "
-                        "medians")
+                   help="boot each backend this many times (interleaved, every other round "
+                        "in reverse order); the table shows medians")
     p.add_argument("--vfsd-args", default="",
                    help="extra vfsd options, e.g. '--thread-pool-size 4' or '--cache always'")
     p.add_argument("--count-requests", action="store_true",
@@ -354,7 +354,11 @@ def main(argv: list[str]) -> int:
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     try:
         for rep in range(a.repeat):
-            for b in backends:
+            # Every other round in reverse order: what a run leaves on the host's
+            # filesystem (thousands of just-deleted inodes) changes what the next
+            # run's file creations cost there (2-3x on this ext4; docs/performance.md),
+            # so no backend always comes first.
+            for b in (backends if rep % 2 == 0 else backends[::-1]):
                 note(f"guest: {b} (run {rep + 1}/{a.repeat})")
                 base, _, extra = b.partition(":")
                 vfsd_args = shlex.split(a.vfsd_args) + (shlex.split(extra)

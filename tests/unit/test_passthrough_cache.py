@@ -37,11 +37,10 @@ def fs(share):
     f.close()
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts of os.getxattr / os.removexattr calls made through the os module."""
+def counted(monkeypatch, *names: str) -> collections.Counter:
+    """Counts of the calls of these os functions made through the os module."""
     counts = collections.Counter()
-    for fn in ("getxattr", "removexattr"):
+    for fn in names:
         real = getattr(os, fn)
 
         def wrapper(*a, _real=real, _fn=fn, **kw):
@@ -49,6 +48,12 @@ def calls(monkeypatch):
             return _real(*a, **kw)
         monkeypatch.setattr(os, fn, wrapper)
     return counts
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of os.getxattr / os.removexattr calls."""
+    return counted(monkeypatch, "getxattr", "removexattr")
 
 
 def acl(*entries):
@@ -368,16 +373,8 @@ def test_the_host_mode_follows_the_record_a_setattr_writes(fs, share, host_chmod
 
 @pytest.fixture
 def opens(monkeypatch):
-    """Counts of os.open / os.stat calls made through the os module."""
-    counts = collections.Counter()
-    for fn in ("open", "stat"):
-        real = getattr(os, fn)
-
-        def wrapper(*a, _real=real, _fn=fn, **kw):
-            counts[_fn] += 1
-            return _real(*a, **kw)
-        monkeypatch.setattr(os, fn, wrapper)
-    return counts
+    """Counts of os.open / os.stat calls."""
+    return counted(monkeypatch, "open", "stat")
 
 
 def test_a_live_node_is_found_by_one_stat_without_opening_it(fs, share, opens):

@@ -227,16 +227,12 @@ class FuseClient:
     def lookup(self, parent: int, name: str | bytes):
         """fuse_entry_out; a reply with nodeid 0 (a name that is not there, which
         the kernel caches for entry_valid) raises ENOENT, as the kernel does."""
-        e = self.lookup_reply(parent, name)
+        e = fuse.fuse_entry_out.unpack_from(
+            self._exact(Op.LOOKUP, self.call(Op.LOOKUP, parent, _name(name), fuse.fuse_entry_out.size),
+                        fuse.fuse_entry_out.size))
         if e.nodeid == 0:
             raise FuseError(errno.ENOENT, Op.LOOKUP)
         return e
-
-    def lookup_reply(self, parent: int, name: str | bytes):
-        """LOOKUP's fuse_entry_out as the daemon sent it (nodeid 0 included)."""
-        return fuse.fuse_entry_out.unpack_from(
-            self._exact(Op.LOOKUP, self.call(Op.LOOKUP, parent, _name(name), fuse.fuse_entry_out.size),
-                        fuse.fuse_entry_out.size))
 
     def getattr(self, nodeid: int, fh: int | None = None):
         args = fuse.fuse_getattr_in.pack(getattr_flags=0 if fh is None else fuse.GETATTR_FH,

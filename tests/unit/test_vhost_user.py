@@ -463,11 +463,30 @@ def test_without_a_kick_fd_the_ring_is_polled(h):
 
 
 def test_many_kicks_are_each_seen(h):
-    """Each kick wakes the worker again (the eventfd is reset after each wake-up)."""
+    """Each kick wakes the worker again, although its eventfd is never read
+    (edge-triggered: every write to an eventfd is an edge)."""
     h.start()
     for i in range(50):
         data = b"kick %d" % i
         assert h.request(1, data) == (len(data), data)
+
+
+def test_a_kick_fd_that_cannot_be_polled_stops_the_ring(h, caplog, tmp_path):
+    """A regular file is no eventfd: epoll refuses it.  The ring is logged and
+    left unserved; the worker and the other rings go on."""
+    h.start()
+    f = os.open(tmp_path / "not-an-eventfd", os.O_RDWR | os.O_CREAT)
+    h.fds.append(f)
+    with caplog.at_level(logging.ERROR, logger="protocol.vhost_user"):
+        h.ok(Request.SET_VRING_KICK, struct.pack("<Q", 1), [f])
+        wait_until(lambda: any("kick fd" in m.getMessage() and "cannot be polled"
+                               in m.getMessage() for m in caplog.records),
+                   "no error logged for the file")
+    assert h.backend.vrings[1]._kick_failed
+    d, _, call, _ = h.rings[1]
+    d.add([b"not served"], [16])
+    assert not wait_fd(call, 0.2)
+    assert h.request(0, b"queue 0 goes on") == (15, b"queue 0 goes on")
 
 
 def test_hang_up_on_the_kick_fd_stops_the_ring(h, caplog):

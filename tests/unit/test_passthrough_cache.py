@@ -371,6 +371,23 @@ def test_the_host_mode_follows_the_record_a_setattr_writes(fs, share, host_chmod
     assert a.ctime_ns == os.stat(p).st_ctime_ns   # the reply shows the host after the chmod
 
 
+def test_a_chmod_costs_one_host_chmod_and_one_fstat(fs, share, monkeypatch):
+    """The host mode a chmod's record asks for is known before the fstat the
+    reply needs, so the host chmod goes first (not fstat, chmod, fstat)."""
+    p = host_file(share, "h")
+    os.chmod(p, 0o644)
+    e = fs.lookup(CTX, 1, b"h")
+    n = counted(monkeypatch, "fstat", "chmod")
+    a = fs.setattr(CTX, e.nodeid, SetAttr(mode=0o640))
+    assert n == {"fstat": 1, "chmod": 1}
+    assert a.mode == 0o100640 and stat.S_IMODE(os.stat(p).st_mode) == 0o640
+    assert a.ctime_ns == os.stat(p).st_ctime_ns
+    n.clear()
+    a = fs.setattr(CTX, e.nodeid, SetAttr(mode=0o6640))   # setuid/setgid: the host mode stays
+    assert n == {"fstat": 1} and a.mode == 0o106640
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o640
+
+
 @pytest.fixture
 def opens(monkeypatch):
     """Counts of os.open / os.stat calls."""

@@ -39,6 +39,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -234,9 +235,27 @@ class SessionCpu:
 
 def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
                 timeout: float, vfsd_args: list[str] = (), count: bool = False,
-                profile_top: int = 0, virtiofsd_args: list[str] = ()) -> dict:
+                profile_top: int = 0, virtiofsd_args: list[str] = (),
+                host_fs: str = "disk") -> dict:
     share = workdir / f"share-{backend}"
     share.mkdir()
+    if host_fs == "tmpfs":
+        # A fresh tmpfs per run: no disk, and nothing a previous run deleted
+        # makes this run's file creations dearer (docs/performance.md).
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "vfsd-bench",
+                        str(share)], check=True)
+    try:
+        return _run_backend(backend, kernel, script, files, share, workdir, timeout,
+                            vfsd_args, count, profile_top, virtiofsd_args)
+    finally:
+        if host_fs == "tmpfs":
+            subprocess.run(["umount", str(share)], check=False)
+        shutil.rmtree(share, ignore_errors=True)
+
+
+def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: Path,
+                 workdir: Path, timeout: float, vfsd_args, count: bool, profile_top: int,
+                 virtiofsd_args) -> dict:
     os.chmod(share, 0o755)
     common = dict(files=files, mem="1G", kernel=kernel, timeout=timeout)
     t0 = time.monotonic()
@@ -290,7 +309,6 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
     if r.status != 0 or "@DONE" not in r.output:
         info["error"] = r.explain()
         note(f"guest: {backend} FAILED\n{r.explain()[-6000:]}")
-    shutil.rmtree(share, ignore_errors=True)
     return info
 
 
@@ -319,6 +337,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--profile", type=int, metavar="TOP", default=0,
                    help="run vfsd under cProfile (all threads) and print its TOP functions "
                         "for the whole workload (the profiler slows vfsd 2-3x)")
+    p.add_argument("--host-fs", choices=("disk", "tmpfs"), default="disk",
+                   help="what the shared directory lives on: 'disk', a directory under /tmp "
+                        "(default), or 'tmpfs', a fresh tmpfs mounted for each run (needs "
+                        "root and Linux 6.6 for user xattrs on tmpfs): the daemons without "
+                        "the host disk's costs and their run-to-run swings")
     p.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -326,6 +349,8 @@ def main(argv: list[str]) -> int:
         if b.split(":")[0] not in BACKENDS or (
                 ":" in b and not b.startswith(("vfsd:", "virtiofsd:"))):
             p.error(f"unknown backend {b!r} (vfsd:OPTIONS runs vfsd with extra options)")
+    if a.host_fs == "tmpfs" and os.geteuid() != 0:
+        p.error("--host-fs tmpfs mounts a tmpfs per run: run as root")
     if os.geteuid() != 0 and any(b.startswith(("virtiofsd", "9p")) for b in backends):
         note("guest: virtiofsd and 9p need root; skipping them")
         backends = [b for b in backends if not b.startswith(("virtiofsd", "9p"))]
@@ -366,14 +391,16 @@ def main(argv: list[str]) -> int:
                 info = run_backend(base, kernel, script.replace("@MOUNT@", MOUNTS[base]),
                                    files, workdir, timeout, vfsd_args,
                                    a.count_requests, a.profile,
-                                   shlex.split(extra) if base == "virtiofsd" else [])
+                                   shlex.split(extra) if base == "virtiofsd" else [],
+                                   a.host_fs)
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
                 note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(runs, backends, dict(kernel=kernel.version, small=nsmall, **facts,
-                                      big_mib=big, repeat=a.repeat), a.reference))
+                                      big_mib=big, repeat=a.repeat, host_fs=a.host_fs),
+                 a.reference))
     if a.vfsd_args:
         print(f"(vfsd ran with {a.vfsd_args})")
     for b in backends:
@@ -395,7 +422,8 @@ def main(argv: list[str]) -> int:
                     print(fmt_table(["phase", "requests", "most frequent"], rows, "lrl"))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
-                                                small=nsmall, big_mib=big, runs=runs),
+                                                small=nsmall, big_mib=big, host_fs=a.host_fs,
+                                                runs=runs),
                                            indent=1))
     return 0 if all(i["script_ok"] for rs in runs.values() for i in rs) else 1
 
@@ -432,7 +460,8 @@ def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None)
                 row.append(f"{x / y:.1f}x" if x is not None and y else "-")
         rows.append(row)
     title = (f"Guest benchmark (TCG, 1 vCPU, kernel {facts['kernel']}; seconds, lower is "
-             f"better; median of {facts['repeat']}; * = guest caches dropped first)")
+             f"better; median of {facts['repeat']}; * = guest caches dropped first; "
+             f"share on {facts.get('host_fs', 'disk')})")
     return title + "\n" + fmt_table(hdr, rows)
 
 

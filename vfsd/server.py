@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ log = logging.getLogger(__name__)
 NAME_MAX = 255
 _U64 = (1 << 64) - 1
 _NO_ENTRY = (0,) * len(fuse.fuse_entry_out.flat_fields)
+_PAD = [b"\0" * n for n in range(8)]   # a dirent's padding to FUSE_DIRENT_ALIGN
 
 
 def _s64(v: int) -> int:
@@ -731,30 +731,47 @@ class FuseServer:
     def _readdir_common(self, ctx, nodeid, reader, writer, plus: bool) -> bytes:
         a = fuse.fuse_read_in.unpack(reader.read(fuse.fuse_read_in.size))
         room = min(a.size, writer.room)
+        if plus:
+            return self._direntplus_records(ctx, nodeid, a, room)
         out = bytearray()
-        hdr = fuse.fuse_direntplus.size if plus else fuse.fuse_dirent.size
-        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=plus):
+        hdr = fuse.fuse_dirent.size
+        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset):
             reclen = fuse.dirent_align(hdr + len(d.name))
             if len(out) + reclen > room:
-                break  # the entry is not sent, so it is not looked up either
-            if plus:
-                entry = None
-                if d.name not in (b".", b".."):
-                    try:
-                        entry = self.fs.lookup(ctx, nodeid, d.name, d.ino)
-                    except OSError:
-                        entry = None  # vanished since listed: plain entry
-                if entry is None:  # nodeid 0: the kernel links nothing for it
-                    out += fuse.fuse_direntplus.flat_pack(*_NO_ENTRY, d.ino, d.off,
-                                                          len(d.name), d.type)
-                else:
-                    out += self._entry(entry)  # fuse_entry_out, then fuse_dirent
-                    out += fuse.fuse_dirent.flat_pack(d.ino, d.off, len(d.name),
-                                                      stat.S_IFMT(entry.attr.mode) >> 12)
-            else:
-                out += fuse.fuse_dirent.flat_pack(d.ino, d.off, len(d.name), d.type)
+                break
+            out += fuse.fuse_dirent.flat_pack(d.ino, d.off, len(d.name), d.type)
             out += d.name
-            out += b"\0" * (reclen - hdr - len(d.name))
+            out += _PAD[reclen - hdr - len(d.name)]
+        return bytes(out)
+
+    def _direntplus_records(self, ctx, nodeid: int, a, room: int) -> bytes:
+        """READDIRPLUS: each record is fuse_entry_out + fuse_dirent + name, packed
+        as one struct (the entry looked up only once it is known to fit: a
+        lookup counts for the guest's FORGET)."""
+        out = bytearray()
+        hdr = fuse.fuse_direntplus.size
+        pack = fuse.fuse_direntplus.flat_pack
+        lookup, attr_values = self.fs.lookup, self._attr_values
+        ev, av = self._entry_valid, self._attr_valid
+        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=True):
+            name = d.name
+            reclen = (hdr + len(name) + 7) & ~7   # fuse.dirent_align, inlined
+            if len(out) + reclen > room:
+                break  # the entry is not sent, so it is not looked up either
+            entry = None
+            if name != b"." and name != b"..":
+                try:
+                    entry = lookup(ctx, nodeid, name, d.ino)
+                except OSError:
+                    entry = None  # vanished since listed: plain entry
+            if entry is None:  # nodeid 0: the kernel links nothing for it
+                out += pack(*_NO_ENTRY, d.ino, d.off, len(name), d.type)
+            else:
+                out += pack(entry.nodeid, entry.generation, ev[0], av[0], ev[1], av[1],
+                            *attr_values(entry.attr), d.ino, d.off, len(name),
+                            (entry.attr.mode >> 12) & 0xF)
+            out += name
+            out += _PAD[reclen - hdr - len(name)]
         return bytes(out)
 
     # ------------------------------------------------------------------

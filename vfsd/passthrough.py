@@ -832,13 +832,14 @@ class PassthroughFs:
                     self._chmod_acl(ino, rec.mode)
             if ch.atime_ns is not None or ch.mtime_ns is not None:
                 self._utimens(ino, ch.atime_ns, ch.mtime_ns)
-            if st is None and new is not None and ch.mode is not None and (
-                    ownership.host_mode_for(old.mode) != ownership.host_mode_for(new.mode)):
+            if st is None and new is not None and ch.mode is not None:
                 # A chmod whose host mode follows (`_store_record` left it to
                 # us, st None): chmod before the one fstat the reply needs,
                 # not fstat, chmod, fstat.  The check after that fstat still
                 # mends a host mode that had drifted from the record.
-                os.chmod(ino.path, ownership.host_mode_for(new.mode))
+                want = ownership.host_mode_for(new.mode)
+                if ownership.host_mode_for(old.mode) != want:
+                    os.chmod(ino.path, want)
             st = os.fstat(ino.fd)
             if new is not None:
                 if self._fix_host_mode(ino, new, st):

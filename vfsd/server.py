@@ -400,10 +400,13 @@ class FuseServer:
                 a.blksize,
                 fuse.ATTR_SUBMOUNT if a.submount and self.flags & _F.SUBMOUNTS else 0)
 
+    def _entry_values(self, e: Entry) -> tuple:
+        """fuse_entry_out in flat_pack order (also the head of fuse_direntplus)."""
+        return (e.nodeid, e.generation, self._entry_valid[0], self._attr_valid[0],
+                self._entry_valid[1], self._attr_valid[1], *self._attr_values(e.attr))
+
     def _entry(self, e: Entry) -> bytes:
-        return fuse.fuse_entry_out.flat_pack(
-            e.nodeid, e.generation, self._entry_valid[0], self._attr_valid[0],
-            self._entry_valid[1], self._attr_valid[1], *self._attr_values(e.attr))
+        return fuse.fuse_entry_out.flat_pack(*self._entry_values(e))
 
     def _attr_out(self, a: Attr) -> bytes:
         return fuse.fuse_attr_out.flat_pack(self._attr_valid[0], self._attr_valid[1], 0,
@@ -722,17 +725,14 @@ class FuseServer:
         a = fuse.fuse_open_in.unpack_from(args)
         return self._open_out(self.fs.opendir(ctx, nodeid, a.flags), is_dir=True)
 
-    def _readdir(self, ctx, nodeid, reader, writer) -> bytes:
-        return self._readdir_common(ctx, nodeid, reader, writer, plus=False)
-
-    def _readdirplus(self, ctx, nodeid, reader, writer) -> bytes:
-        return self._readdir_common(ctx, nodeid, reader, writer, plus=True)
-
-    def _readdir_common(self, ctx, nodeid, reader, writer, plus: bool) -> bytes:
+    @staticmethod
+    def _read_in(reader, writer):
+        """READDIR(PLUS)'s fuse_read_in, and the reply bytes it leaves room for."""
         a = fuse.fuse_read_in.unpack(reader.read(fuse.fuse_read_in.size))
-        room = min(a.size, writer.room)
-        if plus:
-            return self._direntplus_records(ctx, nodeid, a, room)
+        return a, min(a.size, writer.room)
+
+    def _readdir(self, ctx, nodeid, reader, writer) -> bytes:
+        a, room = self._read_in(reader, writer)
         out = bytearray()
         hdr = fuse.fuse_dirent.size
         for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset):
@@ -744,15 +744,15 @@ class FuseServer:
             out += _PAD[reclen - hdr - len(d.name)]
         return bytes(out)
 
-    def _direntplus_records(self, ctx, nodeid: int, a, room: int) -> bytes:
-        """READDIRPLUS: each record is fuse_entry_out + fuse_dirent + name, packed
-        as one struct (the entry looked up only once it is known to fit: a
+    def _readdirplus(self, ctx, nodeid, reader, writer) -> bytes:
+        """Each record is fuse_entry_out + fuse_dirent + name, packed as one
+        fuse_direntplus; an entry is looked up only once it is known to fit (a
         lookup counts for the guest's FORGET)."""
+        a, room = self._read_in(reader, writer)
         out = bytearray()
         hdr = fuse.fuse_direntplus.size
-        pack = fuse.fuse_direntplus.flat_pack
-        lookup, attr_values = self.fs.lookup, self._attr_values
-        ev, av = self._entry_valid, self._attr_valid
+        pack, lookup = fuse.fuse_direntplus.flat_pack, self.fs.lookup
+        entry_values = self._entry_values
         for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=True):
             name = d.name
             reclen = (hdr + len(name) + 7) & ~7   # fuse.dirent_align, inlined
@@ -767,8 +767,7 @@ class FuseServer:
             if entry is None:  # nodeid 0: the kernel links nothing for it
                 out += pack(*_NO_ENTRY, d.ino, d.off, len(name), d.type)
             else:
-                out += pack(entry.nodeid, entry.generation, ev[0], av[0], ev[1], av[1],
-                            *attr_values(entry.attr), d.ino, d.off, len(name),
+                out += pack(*entry_values(entry), d.ino, d.off, len(name),
                             (entry.attr.mode >> 12) & 0xF)
             out += name
             out += _PAD[reclen - hdr - len(name)]

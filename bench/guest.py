@@ -184,11 +184,12 @@ def count_requests(log: str, script: str, daemon: str = "vfsd") -> tuple[dict, d
 
 def profile_report(prof: Path, top: int) -> str:
     """bench.profile's tables for a daemon profiled through a whole guest run (requests =
-    calls of FuseServer.handle)."""
+    calls of FuseServer.handle_views, which every chain goes through; `handle` only
+    serves the requests it hands over)."""
     import pstats
     from . import profile as P
     st = pstats.Stats(str(prof))
-    key = P.find(st, "vfsd/server", "handle")
+    key = P.find(st, "vfsd/server", "handle_views")
     n = st.stats[key][1] if key else 1
     r = P.analyse(prof, n, top)
     return "\n".join([

@@ -797,7 +797,12 @@ class PassthroughFs:
             # Host fields before the change are only needed to truncate, and
             # to chown a node without a record of its own; a node with one
             # (most of them: the guest chowns what it made) goes by its record.
-            st = os.fstat(ino.fd) if ch.size is not None else None
+            # And to keep a checked record checked across a change of times
+            # or size (a tar's utimens after each file; see `write`).
+            seen = ino.seen_ctime
+            st = (os.fstat(ino.fd) if ch.size is not None or (seen is not None and not owner)
+                  else None)
+            unchanged = st is not None and st.st_ctime_ns == seen
             if ch.size is not None:
                 rec = self._effective(ino, st)
                 if stat.S_ISDIR(rec.mode):
@@ -846,6 +851,10 @@ class PassthroughFs:
                     st = os.fstat(ino.fd)
                 # the record is this daemon's, and the host inode has changed
                 # only by this request since it was written (µs ago)
+                ino.seen_ctime = self._seen(st.st_ctime_ns)
+            elif unchanged and ino.seen_ctime == seen:
+                # nothing but this request changed the inode since its record
+                # was checked (the fstat before it found that ctime)
                 ino.seen_ctime = self._seen(st.st_ctime_ns)
             return self._attr(ino, st)
 
@@ -1101,7 +1110,29 @@ class PassthroughFs:
             self._kill_priv(ctx, self._inode(h.nodeid), kill_suidgid, kill_caps)
         if not views:
             return 0
-        return os.pwritev(h.fd, views, offset)
+        ino = self._by_id.get(h.nodeid)
+        seen = ino.seen_ctime if ino is not None else None
+        if seen is None:
+            return os.pwritev(h.fd, views, offset)
+        # The write moves the inode's ctime, which would make a kept record
+        # of the node, once forgotten, be read again (the stat after an
+        # `echo x > f`).  If the ctime is still the one the record was
+        # checked at, nothing else changed the inode since, and the ctime
+        # after is this write's: the record stays checked.  (A host edit in
+        # the µs between the fstats goes unseen, as after a record write.)
+        if os.fstat(h.fd).st_ctime_ns != seen:
+            return os.pwritev(h.fd, views, offset)
+        n = os.pwritev(h.fd, views, offset)
+        self._ctime_moved(ino, seen, os.fstat(h.fd).st_ctime_ns)
+        return n
+
+    def _ctime_moved(self, ino: Inode, seen: int, ctime_ns: int) -> None:
+        """The node's host inode went from ctime `seen` (its record checked
+        then) to `ctime_ns` by this daemon's own change: keep the record
+        checked, unless another change of ours meanwhile decided otherwise."""
+        with ino.lock:
+            if ino.seen_ctime == seen:
+                ino.seen_ctime = self._seen(ctime_ns)
 
     def _kill_priv(self, ctx: Ctx, ino: Inode, suidgid: bool, caps: bool) -> None:
         """What a local filesystem's file_remove_privs() does on a write, when

@@ -129,6 +129,30 @@ def test_a_record_the_guest_wrote_survives_the_forget(fs, share, calls):
     assert calls["getxattr"] == 0
 
 
+def test_the_guests_writes_and_utimens_keep_a_record_checked(fs, share, calls):
+    # `echo x > f` (CREATE, WRITE), a tar's utimens, a truncate: each moves
+    # the ctime, and the daemon knows each move is its own.
+    e, o = fs.create(CTX, 1, b"f", 0o644, 0o022, os.O_RDWR)
+    fs.write(CTX, e.nodeid, o.fh, 0, [b"x\n"])
+    fs.release(CTX, e.nodeid, o.fh)
+    host_file(share, "h")
+    h = fs.lookup(CTX, 1, b"h")
+    o = fs.open(CTX, h.nodeid, os.O_WRONLY)
+    fs.write(CTX, h.nodeid, o.fh, 0, [b"abc", b"def"])
+    fs.setattr(CTX, h.nodeid, SetAttr(atime_ns=10**9, mtime_ns=2 * 10**9))
+    fs.setattr(CTX, h.nodeid, SetAttr(size=2, fh=o.fh))
+    fs.release(CTX, h.nodeid, o.fh)
+    before = {n: os.stat(share / n).st_ctime_ns for n in ("f", "h")}
+    fs.forget(e.nodeid, 1)
+    fs.forget(h.nodeid, 1)
+    calls.clear()
+    for name, uid in ((b"f", 1234), (b"h", 1000)):
+        a = fs.lookup(CTX, 1, name).attr
+        assert a.uid == uid
+    assert calls["getxattr"] == 0
+    assert before == {n: os.stat(share / n).st_ctime_ns for n in ("f", "h")}
+
+
 NEW = ownership.encode(ownership.Record(42, 43, 0o100600))
 
 
@@ -158,6 +182,10 @@ def test_any_host_change_makes_a_forgotten_node_read_its_record_again(fs, share,
         fs.getattr(CTX, e.nodeid, None)
         fs.setattr(CTX, e.nodeid, SetAttr(uid=1000, gid=1000))
         fs.setattr(CTX, e.nodeid, SetAttr(atime_ns=NOW, mtime_ns=NOW))
+        fs.setattr(CTX, e.nodeid, SetAttr(size=3))
+        o = fs.open(CTX, e.nodeid, os.O_WRONLY)
+        fs.write(CTX, e.nodeid, o.fh, 0, [b"abc"])
+        fs.release(CTX, e.nodeid, o.fh)
         fs.forget(e.nodeid, 1)
     else:
         fs.forget(e.nodeid, 1)

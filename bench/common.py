@@ -234,9 +234,11 @@ class CVirtiofsd:
             return ""
 
 
-def session_cpu_seconds(sid: int) -> float:
-    """utime + stime of every living process in session `sid` (a daemon and its children)."""
-    total = 0
+def session_cpu_times(sid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of every living process in session `sid` (a daemon and its
+    children): user time is the daemon's own code (Python's, for vfsd), system time the
+    syscalls it makes, so the two tell interpreter cost from kernel work."""
+    user = system = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -246,8 +248,14 @@ def session_cpu_seconds(sid: int) -> float:
         except OSError:
             continue
         if int(fields[3]) == sid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """utime + stime of every living process in session `sid`."""
+    return sum(session_cpu_times(sid))
 
 
 def cpu_seconds(pid: int) -> float:

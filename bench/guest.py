@@ -28,11 +28,16 @@ Phases (seconds from /proc/uptime, 10 ms resolution; caches dropped with
   write      `dd if=/dev/zero of=big bs=1M count=128` (no fsync: the path to the host's
              page cache, not the host disk)
   read*      `dd if=big of=/dev/null bs=1M`
+
+The last rows are each daemon's CPU over the whole run (every process of its session, from
+/proc/PID/stat), split into user time (its own code: the interpreter, for vfsd) and system time
+(the kernel's work for its syscalls).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -47,7 +52,7 @@ from pathlib import Path
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
 from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
-                     session_cpu_seconds)
+                     session_cpu_times)
 from .tarball import make_tarball
 
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
@@ -211,33 +216,38 @@ def parse_marks(output: str) -> dict[str, float]:
 
 
 class SessionCpu:
-    """Samples the CPU time (utime+stime) of every process in session `sid` (the daemon and
-    any child, e.g. virtiofsd's sandboxed worker) every 0.2 s; `.seconds` is the last sum."""
+    """Samples the CPU time (user and system) of every process in session `sid` (the daemon
+    and any child, e.g. virtiofsd's sandboxed worker) every 0.2 s, keeping the last sums:
+    a child that exits takes its times with it, so the samples are the record."""
 
     def __init__(self, sid: int):
         import threading
-        self.sid, self.seconds, self._stop = sid, 0.0, threading.Event()
+        self.sid, self._stop = sid, threading.Event()
+        self.user = self.system = 0.0
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
-    def _sample(self) -> float:
-        return session_cpu_seconds(self.sid)
+    def _sample(self) -> None:
+        user, system = session_cpu_times(self.sid)
+        self.user, self.system = max(self.user, user), max(self.system, system)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.seconds = max(self.seconds, self._sample())
+            self._sample()
 
-    def stop(self) -> float:
-        self.seconds = max(self.seconds, self._sample())
+    def stop(self) -> dict[str, float]:
+        """{"daemon_cpu": user+system, "daemon_user": ..., "daemon_sys": ...}, rounded."""
+        self._sample()
         self._stop.set()
         self._t.join()
-        return self.seconds
+        return {"daemon_cpu": round(self.user + self.system, 2),
+                "daemon_user": round(self.user, 2), "daemon_sys": round(self.system, 2)}
 
 
 def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
                 timeout: float, vfsd_args: list[str] = (), count: bool = False,
                 profile_top: int = 0, virtiofsd_args: list[str] = (),
-                host_fs: str = "disk") -> dict:
+                host_fs: str = "disk", pin: tuple[set[int], set[int]] | None = None) -> dict:
     share = workdir / f"share-{backend}"
     share.mkdir()
     if host_fs == "tmpfs":
@@ -247,16 +257,61 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
                         str(share)], check=True)
     try:
         return _run_backend(backend, kernel, script, files, share, workdir, timeout,
-                            vfsd_args, count, profile_top, virtiofsd_args)
+                            vfsd_args, count, profile_top, virtiofsd_args, pin)
     finally:
         if host_fs == "tmpfs":
             subprocess.run(["umount", str(share)], check=False)
         shutil.rmtree(share, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _affinity(cpus: set[int] | None):
+    """Run the block with this thread's CPU affinity set to `cpus` (None: unchanged):
+    the processes it starts inherit it, with every thread they make."""
+    if not cpus:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+@contextlib.contextmanager
+def _started(ctx, cpus: set[int] | None):
+    """`with ctx:`, the process it starts (a daemon) started on `cpus`."""
+    with _affinity(cpus):
+        entered = ctx.__enter__()
+    try:
+        yield entered
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def pin_split(spec: str | None) -> tuple[set[int], set[int]] | None:
+    """--pin: (the daemon's CPUs, QEMU's CPUs), apart; None without --pin."""
+    if spec is None:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        if len(cpus) < 2:
+            raise ValueError("--pin needs at least 2 CPUs")
+        return {cpus[-1]}, set(cpus[:-1])
+    daemon, _, qemu = spec.partition("/")
+    try:
+        split = ({int(c) for c in daemon.split(",")}, {int(c) for c in qemu.split(",")})
+    except ValueError:
+        raise ValueError(f"--pin {spec!r}: expected DAEMON_CPUS/QEMU_CPUS, e.g. 1/0") from None
+    if not (split[0] | split[1]) <= set(cpus):
+        raise ValueError(f"--pin {spec!r}: this process may only use CPUs {cpus}")
+    return split
+
+
 def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: Path,
                  workdir: Path, timeout: float, vfsd_args, count: bool, profile_top: int,
-                 virtiofsd_args) -> dict:
+                 virtiofsd_args, pin: tuple[set[int], set[int]] | None = None) -> dict:
     os.chmod(share, 0o755)
     common = dict(files=files, mem="1G", kernel=kernel, timeout=timeout)
     t0 = time.monotonic()
@@ -270,10 +325,11 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
         d = BenchDaemon(workdir, share,
                         [*vfsd_args, *(["--log-level", "debug"] if count else [])],
                         profile=prof)
-        with d:
+        with _started(d, pin and pin[0]):
             mon = SessionCpu(d.pid)
-            r = run_guest(script, socket_path=d.socket_path, **common)
-            info["daemon_cpu"] = round(mon.stop(), 2)
+            with _affinity(pin and pin[1]):
+                r = run_guest(script, socket_path=d.socket_path, **common)
+            info.update(mon.stop())
             rc = d.wait_exit(20)
             info["daemon_exit"] = rc
             if count:
@@ -284,10 +340,12 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
             if r.status != 0:
                 r.daemon_log = d.d.log_text()
     elif backend == "virtiofsd":
-        with CVirtiofsd(workdir, share, [*virtiofsd_args, *(["-d"] if count else [])]) as d:
+        d = CVirtiofsd(workdir, share, [*virtiofsd_args, *(["-d"] if count else [])])
+        with _started(d, pin and pin[0]):
             mon = SessionCpu(d.pid)
-            r = run_guest(script, socket_path=d.socket_path, **common)
-            info["daemon_cpu"] = round(mon.stop(), 2)
+            with _affinity(pin and pin[1]):
+                r = run_guest(script, socket_path=d.socket_path, **common)
+            info.update(mon.stop())
             info["daemon_exit"] = d.wait_exit(20)
         if count:
             info["requests"], info["phase_requests"] = count_requests(
@@ -343,8 +401,17 @@ def main(argv: list[str]) -> int:
                         "(default), or 'tmpfs', a fresh tmpfs mounted for each run (needs "
                         "root and Linux 6.6 for user xattrs on tmpfs): the daemons without "
                         "the host disk's costs and their run-to-run swings")
+    p.add_argument("--pin", nargs="?", const="auto", metavar="DAEMON/QEMU",
+                   help="start vfsd and the C virtiofsd on their own CPUs and QEMU on the "
+                        "others (e.g. '1/0'; alone: the last CPU for the daemon, the rest for "
+                        "QEMU), so the daemon never waits for the emulated vCPU's host CPU "
+                        "nor shares its caches; 9p and tmpfs have no daemon and run unpinned")
     p.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     a = p.parse_args(argv)
+    try:
+        pin = pin_split(a.pin)
+    except ValueError as e:
+        p.error(str(e))
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     for b in backends:
         if b.split(":")[0] not in BACKENDS or (
@@ -393,14 +460,17 @@ def main(argv: list[str]) -> int:
                                    files, workdir, timeout, vfsd_args,
                                    a.count_requests, a.profile,
                                    shlex.split(extra) if base == "virtiofsd" else [],
-                                   a.host_fs)
+                                   a.host_fs, pin)
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
                 note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    pinned = pin and (",".join(map(str, sorted(pin[0]))) + ", QEMU on CPU "
+                      + ",".join(map(str, sorted(pin[1]))))
     print(report(runs, backends, dict(kernel=kernel.version, small=nsmall, **facts,
-                                      big_mib=big, repeat=a.repeat, host_fs=a.host_fs),
+                                      big_mib=big, repeat=a.repeat, host_fs=a.host_fs,
+                                      pin=pinned),
                  a.reference))
     if a.vfsd_args:
         print(f"(vfsd ran with {a.vfsd_args})")
@@ -423,7 +493,7 @@ def main(argv: list[str]) -> int:
                     print(fmt_table(["phase", "requests", "most frequent"], rows, "lrl"))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
-                                                small=nsmall, big_mib=big, host_fs=a.host_fs,
+                                                small=nsmall, big_mib=big, host_fs=a.host_fs, pin=a.pin,
                                                 runs=runs),
                                            indent=1))
     return 0 if all(i["script_ok"] for rs in runs.values() for i in rs) else 1
@@ -439,16 +509,18 @@ def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None)
             med[b][ph] = statistics.median(vals) if vals else None
         tot = [sum(r["phases"].values()) for r in ok]
         med[b]["total"] = statistics.median(tot) if tot else None
-        cpu = [r["daemon_cpu"] for r in ok if "daemon_cpu" in r]
-        med[b]["cpu"] = statistics.median(cpu) if cpu else None
+        for key in ("cpu", "user", "sys"):
+            vals = [r[f"daemon_{key}"] for r in ok if f"daemon_{key}" in r]
+            med[b][key] = statistics.median(vals) if vals else None
     if ref is None:
         ref = next((b for b in backends if b.partition(":")[0] == "virtiofsd"), None)
     hdr = ["phase"] + [f"{b} s" for b in backends]
     if ref:
         hdr += [f"{b} / {ref}" for b in backends if b != ref]
     rows = []
-    labels = dict(PHASES, total="total", cpu="daemon CPU over the whole run (s)")
-    for ph in [p for p, _ in PHASES] + ["total", "cpu"]:
+    labels = dict(PHASES, total="total", cpu="daemon CPU over the whole run (s)",
+                  user="  of which user (the daemon's code)", sys="  of which system (syscalls)")
+    for ph in [p for p, _ in PHASES] + ["total", "cpu", "user", "sys"]:
         label = labels[ph].replace("N", str(facts["small"]))
         if ph == "write" or ph == "read":
             label += f" ({facts['big_mib']} MiB)"
@@ -462,7 +534,8 @@ def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None)
         rows.append(row)
     title = (f"Guest benchmark (TCG, 1 vCPU, kernel {facts['kernel']}; seconds, lower is "
              f"better; median of {facts['repeat']}; * = guest caches dropped first; "
-             f"share on {facts.get('host_fs', 'disk')})")
+             f"share on {facts.get('host_fs', 'disk')}"
+             + (f"; daemons on CPU {facts['pin']}" if facts.get("pin") else "") + ")")
     return title + "\n" + fmt_table(hdr, rows)
 
 

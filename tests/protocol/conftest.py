@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, workdir as daemon_workdir
 from tests.frontend import Frontend, ProtocolFeature
 from tests.fuse_client import FuseClient
 
@@ -108,10 +106,8 @@ class DaemonHandle:
 @pytest.fixture
 def workdir():
     """A directory the unprivileged daemon user can search (pytest's tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="vfsd-proto-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with daemon_workdir("vfsd-proto-") as d:
+        yield d
 
 
 @pytest.fixture

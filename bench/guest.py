@@ -290,6 +290,17 @@ def _started(ctx, cpus: set[int] | None):
         ctx.__exit__(None, None, None)
 
 
+def _guest_on(d, pin: tuple[set[int], set[int]] | None, script: str, common: dict,
+              info: dict):
+    """Boot the guest against started daemon `d` (QEMU on the pinned CPUs, if any); the
+    daemon's CPU over the run goes into `info`."""
+    mon = SessionCpu(d.pid)
+    with _affinity(pin and pin[1]):
+        r = run_guest(script, socket_path=d.socket_path, **common)
+    info.update(mon.stop())
+    return r
+
+
 def pin_split(spec: str | None) -> tuple[set[int], set[int]] | None:
     """--pin: (the daemon's CPUs, QEMU's CPUs), apart; None without --pin."""
     if spec is None:
@@ -326,10 +337,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
                         [*vfsd_args, *(["--log-level", "debug"] if count else [])],
                         profile=prof)
         with _started(d, pin and pin[0]):
-            mon = SessionCpu(d.pid)
-            with _affinity(pin and pin[1]):
-                r = run_guest(script, socket_path=d.socket_path, **common)
-            info.update(mon.stop())
+            r = _guest_on(d, pin, script, common, info)
             rc = d.wait_exit(20)
             info["daemon_exit"] = rc
             if count:
@@ -342,10 +350,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
     elif backend == "virtiofsd":
         d = CVirtiofsd(workdir, share, [*virtiofsd_args, *(["-d"] if count else [])])
         with _started(d, pin and pin[0]):
-            mon = SessionCpu(d.pid)
-            with _affinity(pin and pin[1]):
-                r = run_guest(script, socket_path=d.socket_path, **common)
-            info.update(mon.stop())
+            r = _guest_on(d, pin, script, common, info)
             info["daemon_exit"] = d.wait_exit(20)
         if count:
             info["requests"], info["phase_requests"] = count_requests(
@@ -493,8 +498,8 @@ def main(argv: list[str]) -> int:
                     print(fmt_table(["phase", "requests", "most frequent"], rows, "lrl"))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
-                                                small=nsmall, big_mib=big, host_fs=a.host_fs, pin=a.pin,
-                                                runs=runs),
+                                                small=nsmall, big_mib=big, host_fs=a.host_fs,
+                                                pin=a.pin, runs=runs),
                                            indent=1))
     return 0 if all(i["script_ok"] for rs in runs.values() for i in rs) else 1
 

@@ -24,7 +24,8 @@ class WireStruct:
     so that the layout reads like the C header it mirrors.
     """
 
-    __slots__ = ("name", "fields", "tuple", "size", "_struct", "_nested", "_flat_len", "_plain")
+    __slots__ = ("name", "fields", "tuple", "size", "_struct", "_nested", "_flat_len", "_plain",
+                 "flat_pack", "flat_pack_into", "flat_unpack", "flat_unpack_from")
 
     def __init__(self, name: str, fields: Sequence[Field]):
         self.name = name
@@ -47,6 +48,18 @@ class WireStruct:
         self._flat_len = flat
         self._plain = all(sub is None for _, _, sub in nested)  # no nested structs
         self.size = self._struct.size
+        # The fast paths, for headers and replies of every request: values as
+        # plain tuples in `flat_fields` order, no per-field lookups.  They are
+        # the struct's own bound methods, not wrappers: a Python frame per call
+        # is a sizeable part of a request's CPU (docs/performance.md).
+        #   flat_pack(*values) -> bytes
+        #   flat_pack_into(buf, offset, *values): straight into a writable buffer
+        #   flat_unpack(buf) -> tuple: exactly `size` bytes (struct.error otherwise)
+        #   flat_unpack_from(buf, offset=0) -> tuple: the struct at `offset` of a
+        #       longer buffer (arguments followed by a name); struct.error if short
+        s = self._struct
+        self.flat_pack, self.flat_pack_into = s.pack, s.pack_into
+        self.flat_unpack, self.flat_unpack_from = s.unpack, s.unpack_from
 
     def __repr__(self) -> str:
         return f"<WireStruct {self.name} size={self.size}>"
@@ -91,15 +104,6 @@ class WireStruct:
             out.extend([fname] if sub is None else [f"{fname}.{n}" for n in sub.flat_fields])
         return tuple(out)
 
-    def flat_pack(self, *values: Any) -> bytes:
-        """Pack positional values in `flat_fields` order: the fast path for
-        replies sent on every request (no per-field lookups)."""
-        return self._struct.pack(*values)
-
-    def flat_pack_into(self, buf: Any, offset: int, *values: Any) -> None:
-        """`flat_pack` straight into a writable buffer (a reply header in guest memory)."""
-        self._struct.pack_into(buf, offset, *values)
-
     def pack_into(self, buf: Any, offset: int, _values: Any = None, **kw: Any) -> None:
         if kw:
             base = {} if _values is None else (
@@ -119,16 +123,6 @@ class WireStruct:
         """Unpack one struct at `offset`; raises `struct.error` if `buf` is short."""
         flat = self._struct.unpack_from(buf, offset)
         return self.tuple._make(flat) if self._plain else self._build(flat)
-
-    def flat_unpack(self, buf: Any) -> tuple:
-        """Unpack exactly `size` bytes into a plain tuple in `flat_fields` order:
-        the fast path for headers decoded on every request."""
-        return self._struct.unpack(buf)
-
-    def flat_unpack_from(self, buf: Any, offset: int = 0) -> tuple:
-        """`flat_unpack` of the struct at `offset` of a longer buffer (arguments
-        followed by a name); raises `struct.error` if `buf` is short."""
-        return self._struct.unpack_from(buf, offset)
 
     def unpack(self, buf: Any) -> Any:
         """Unpack a buffer that must be exactly `size` bytes long."""

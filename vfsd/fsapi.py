@@ -10,6 +10,7 @@ request (a reply's Attr, the caller's Ctx) at a quarter of the cost.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 
@@ -50,6 +51,16 @@ class Entry(NamedTuple):
     attr: Attr
 
 
+# Builders for the types made on every request, taking every field in order
+# as one tuple: `new_attr((ino, size, ...))` is `Attr(ino, size, ...)` without
+# the named tuple's generated __new__, a Python frame that binds each field by
+# name and costs twice the tuple itself (docs/performance.md).  No defaults:
+# the tuple must hold every field.
+new_ctx = functools.partial(tuple.__new__, Ctx)
+new_attr = functools.partial(tuple.__new__, Attr)
+new_entry = functools.partial(tuple.__new__, Entry)
+
+
 class StatFs(NamedTuple):
     blocks: int
     bfree: int
@@ -68,6 +79,9 @@ class DirEntry(NamedTuple):
     ino: int
     type: int  # DT_* value
     off: int
+
+
+new_dirent = functools.partial(tuple.__new__, DirEntry)
 
 
 class Opened(NamedTuple):

@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -35,7 +36,8 @@ from collections import OrderedDict
 from . import ownership, syscalls
 from . import posix_acl as pacl
 from .closer import FdCloser
-from .fsapi import Attr, Ctx, DirEntry, Entry, Opened, SetAttr, StatFs
+from .fsapi import (Attr, Ctx, Entry, Opened, SetAttr, StatFs, new_attr,
+                    new_dirent, new_entry)
 from .ownership import Record, RecordError
 from .syscalls import proc_fd
 from .xattrmap import XattrMap
@@ -58,6 +60,12 @@ _MAX_FORGOTTEN = 16384  # records kept for forgotten nodes (PassthroughFs._forgo
 # before we looked may change again without its ctime moving.
 _RACY_NS = 50_000_000
 
+
+# os.fsencode's conversion, as constants: the snapshot encodes every name of a
+# listing (os.scandir of an fd gives str names), and os.fsencode is a Python
+# call per name.
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 # Per-node locks (record read-modify-write, _materialize) come from a small
 # shared pool instead of one Lock per node: a LOOKUP of a new node then
@@ -83,7 +91,8 @@ class Inode:
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], nlookup: int = 0):
         self.nodeid = nodeid
         self.fd = fd  # O_PATH
-        self.path = _proc_path(fd)  # names the inode for *xattr, reopen, chmod, utimes
+        # names the inode for *xattr, reopen, chmod, utimes (_proc_path, inlined)
+        self.path = b"/proc/self/fd/%d" % fd
         self.key = key  # (st_dev, st_ino)
         self.nlookup = nlookup
         # Cached record: a write by this daemon updates it; it is read once per
@@ -311,8 +320,8 @@ class PassthroughFs:
     def _entry(self, ino: Inode, st: os.stat_result | None = None,
                parent: Inode | None = None) -> Entry:
         # a different st_dev than the parent's: a mount point inside the share
-        return Entry(ino.nodeid, 0, self._attr(
-            ino, st, parent is not None and parent.key[0] != ino.key[0]))
+        return new_entry((ino.nodeid, 0, self._attr(
+            ino, st, parent is not None and parent.key[0] != ino.key[0])))
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         if nodeid == ROOT_ID:
@@ -529,11 +538,10 @@ class PassthroughFs:
         rec = ino.record if ino.record_loaded else self._load_record(ino, st)
         if rec is None:
             rec = self._default_record(ino, st)
-        # positional: each keyword costs on a frozen dataclass built per reply
-        return Attr(st.st_ino, st.st_size, st.st_blocks, st.st_atime_ns, st.st_mtime_ns,
-                    st.st_ctime_ns, rec.mode, st.st_nlink, rec.uid, rec.gid,
-                    rec.rdev if rec.rdev_major or rec.rdev_minor else 0, st.st_blksize,
-                    submount)
+        return new_attr((st.st_ino, st.st_size, st.st_blocks, st.st_atime_ns, st.st_mtime_ns,
+                         st.st_ctime_ns, rec.mode, st.st_nlink, rec.uid, rec.gid,
+                         rec.rdev if rec.rdev_major or rec.rdev_minor else 0, st.st_blksize,
+                         submount))
 
     def _record_of(self, ino: Inode) -> Record:
         """_effective without the fstat when the node's own record is known
@@ -751,7 +759,9 @@ class PassthroughFs:
     def lookup(self, ctx: Ctx, parent_id: int, name: bytes, listed_ino: int = 0) -> Entry:
         """`listed_ino`: the host inode number a listing of the parent showed
         for `name` (READDIRPLUS), or 0; only a hint of whether it is live."""
-        parent = self._inode(parent_id)
+        parent = self._by_id.get(parent_id)  # _inode, inlined: each LOOKUP, READDIRPLUS entry
+        if parent is None:
+            raise OSError(errno.EBADF, f"unknown node id {parent_id}")
         # Many names the guest looks up name a live node: its kernel
         # revalidates dentries it holds (a tar's mkdir of each leading
         # directory of every file it extracts makes it send LOOKUPs of all
@@ -780,7 +790,8 @@ class PassthroughFs:
             probe = ino.nlookup > 1  # (it was live after all: a hint only)
         if not listed_ino:
             parent.live_children = probe
-        return self._entry(ino, st, parent)
+        # _entry, inlined
+        return new_entry((ino.nodeid, 0, self._attr(ino, st, parent.key[0] != ino.key[0])))
 
     def getattr(self, ctx: Ctx, nodeid: int, fh: int | None) -> Attr:
         ino = self._by_id.get(nodeid)  # _inode, inlined on the most frequent request
@@ -1187,15 +1198,17 @@ class PassthroughFs:
         """The directory's entries, taken once per rewind so offsets stay stable."""
         st = os.fstat(h.fd)
         entries = [(b".", st.st_ino, stat.S_IFDIR >> 12), (b"..", st.st_ino, stat.S_IFDIR >> 12)]
+        enc, errors = _FS_ENCODING, _FS_ERRORS
         with os.scandir(h.fd) as it:
             for de in it:
-                name = os.fsencode(de.name)
-                if de.is_dir(follow_symlinks=False):
+                name = de.name.encode(enc, errors)
+                # (the most frequent type first: one d_type test per file)
+                if de.is_file(follow_symlinks=False):
+                    kind = None  # a record may say otherwise: read when listed
+                elif de.is_dir(follow_symlinks=False):
                     kind = stat.S_IFDIR
                 elif de.is_symlink():
                     kind = stat.S_IFLNK
-                elif de.is_file(follow_symlinks=False):
-                    kind = None  # a record may say otherwise: read when listed
                 else:
                     try:
                         kind = stat.S_IFMT(os.stat(name, dir_fd=h.fd,
@@ -1230,7 +1243,7 @@ class PassthroughFs:
             name, ino, dtype = entries[i]
             if dtype is None:
                 dtype = 0 if plus else self._listed_file_type(h.fd, name) >> 12
-            yield DirEntry(name, ino, dtype, i + 1)
+            yield new_dirent((name, ino, dtype, i + 1))
 
     def releasedir(self, ctx: Ctx, nodeid: int, fh: int) -> None:
         with self._lock:

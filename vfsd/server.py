@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 from protocol import fuse
 from protocol.buffers import BufferError_, Reader, Writer
 
-from .fsapi import NOW, Attr, Ctx, Entry, SetAttr
+from .fsapi import NOW, Attr, Ctx, Entry, SetAttr, new_ctx
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ _unpack_in_header = fuse.fuse_in_header.flat_unpack
 _pack_out_header = fuse.fuse_out_header.flat_pack
 _pack_out_header_into = fuse.fuse_out_header.flat_pack_into
 _unpack_in_header_from = fuse.fuse_in_header.flat_unpack_from
+_pack_entry_out = fuse.fuse_entry_out.flat_pack
 _DEBUG = logging.DEBUG
 
 # Opcodes whose requests get no reply at all (fuse.h: FORGET, BATCH_FORGET;
@@ -199,37 +200,36 @@ class FuseServer:
             else:
                 args = readable[1] if len(readable) > 1 else b""
             h = _unpack_in_header_from(r0)
-            opcode = h[_OPCODE]
+            length, opcode, unique, nodeid, uid, gid, pid, total_extlen, _ = h
             handler = self._arg_handlers.get(opcode)
             # The arguments must be all of the request by fuse_in_header.len
             # (else `handle` judges the length; buffers past it are ignored
             # either way), and extensions carry what only `_dispatch` reads.
-            if (handler is not None and h[_LEN] == IN_HEADER + len(args)
-                    and not h[_TOTAL_EXTLEN] and not log.isEnabledFor(_DEBUG)):
+            if (handler is not None and length == IN_HEADER + len(args)
+                    and not total_extlen and not log.isEnabledFor(_DEBUG)):
                 if opcode in NO_REPLY:
                     self._no_reply(handler, opcode, h, args)
                     return 0
                 if 1 <= len(writable) <= 2 and len(writable[0]) == OUT_HEADER:
-                    return self._reply(handler, opcode, h, args, writable)
+                    # The reply: its arguments go to the second writable
+                    # buffer, the header to the first.  (Here, not in a
+                    # method of its own: a call is a sizeable part of a
+                    # request's CPU; docs/performance.md.)
+                    try:
+                        body = handler(new_ctx((uid, gid, pid, ())), nodeid, args)
+                        n = len(body)
+                        room = len(writable[1]) if len(writable) == 2 else 0
+                        if n > room:
+                            error, n = self._no_room(opcode, h, n, room), 0
+                        else:
+                            if n:
+                                writable[1][:n] = body
+                            error = 0
+                    except Exception as e:
+                        error, n = self._error(e, opcode, h), 0
+                    _pack_out_header_into(writable[0], 0, OUT_HEADER + n, -error, unique)
+                    return OUT_HEADER + n
         return self.handle(Reader(readable, None, readable_len), Writer(writable, writable_len))
-
-    def _reply(self, handler, opcode: int, h: tuple, args, writable) -> int:
-        """`handle_views` for a request with a reply: the reply arguments go
-        to the second writable buffer, the header to the first."""
-        try:
-            body = handler(Ctx(h[_UID], h[_GID], h[_PID]), h[_NODEID], args)
-            n = len(body)
-            room = len(writable[1]) if len(writable) == 2 else 0
-            if n > room:
-                error, n = self._no_room(opcode, h, n, room), 0
-            else:
-                if n:
-                    writable[1][:n] = body
-                error = 0
-        except Exception as e:
-            error, n = self._error(e, opcode, h), 0
-        _pack_out_header_into(writable[0], 0, OUT_HEADER + n, -error, h[_UNIQUE])
-        return OUT_HEADER + n
 
     def handle(self, reader: Reader, writer: Writer) -> int:
         """Serve one request; returns the number of bytes written to `writer`.
@@ -389,24 +389,24 @@ class FuseServer:
     def _attr_values(self, a: Attr) -> tuple:
         """fuse_attr in flat_pack order (fuse_attr.flat_fields).  FUSE_ATTR_SUBMOUNT
         only goes out when the guest negotiated FUSE_SUBMOUNTS."""
-        asec, ans = divmod(a.atime_ns, 1_000_000_000)
-        msec, mns = divmod(a.mtime_ns, 1_000_000_000)
-        csec, cns = divmod(a.ctime_ns, 1_000_000_000)
-        dev = a.rdev
-        major, minor = (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
-        return (a.ino, a.size, a.blocks, asec & _U64, msec & _U64, csec & _U64, ans, mns, cns,
-                a.mode, a.nlink, a.uid, a.gid,
-                ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF,
-                a.blksize,
-                fuse.ATTR_SUBMOUNT if a.submount and self.flags & _F.SUBMOUNTS else 0)
-
-    def _entry_values(self, e: Entry) -> tuple:
-        """fuse_entry_out in flat_pack order (also the head of fuse_direntplus)."""
-        return (e.nodeid, e.generation, self._entry_valid[0], self._attr_valid[0],
-                self._entry_valid[1], self._attr_valid[1], *self._attr_values(e.attr))
+        # (one unpacking, not a lookup per field: this runs for every reply
+        # with attributes, and for each READDIRPLUS entry)
+        ino, size, blocks, atime_ns, mtime_ns, ctime_ns, mode, nlink, uid, gid, dev, blksize, \
+            submount = a
+        asec, ans = divmod(atime_ns, 1_000_000_000)
+        msec, mns = divmod(mtime_ns, 1_000_000_000)
+        csec, cns = divmod(ctime_ns, 1_000_000_000)
+        if dev:  # glibc's dev_t to the 32 bits fuse_attr.rdev holds (Linux new_encode_dev)
+            major, minor = (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+            dev = ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+        return (ino, size, blocks, asec & _U64, msec & _U64, csec & _U64, ans, mns, cns,
+                mode, nlink, uid, gid, dev, blksize,
+                fuse.ATTR_SUBMOUNT if submount and self.flags & _F.SUBMOUNTS else 0)
 
     def _entry(self, e: Entry) -> bytes:
-        return fuse.fuse_entry_out.flat_pack(*self._entry_values(e))
+        """fuse_entry_out (also the head of each fuse_direntplus: _readdirplus)."""
+        ev, av = self._entry_valid, self._attr_valid
+        return _pack_entry_out(e[0], e[1], ev[0], av[0], ev[1], av[1], *self._attr_values(e[2]))
 
     def _attr_out(self, a: Attr) -> bytes:
         return fuse.fuse_attr_out.flat_pack(self._attr_valid[0], self._attr_valid[1], 0,
@@ -548,7 +548,7 @@ class FuseServer:
     # guest can change at any time: each field is read from it once (struct
     # unpacking, or one copy of a name) and checked after that.
     def _lookup(self, ctx, nodeid, args) -> bytes:
-        name = _parse_names(args, 1)[0]
+        name = _parse_name(args)
         try:
             return self._entry(self.fs.lookup(ctx, nodeid, name))
         except FileNotFoundError:
@@ -616,7 +616,7 @@ class FuseServer:
 
     def _mknod(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_mknod_in.unpack(reader.read(fuse.fuse_mknod_in.size))
-        name = _parse_names(reader.read_rest(), 1)[0]
+        name = _parse_name(reader.read_rest())
         # fuse_mknod_in.rdev is new_encode_dev(): major in bits 8-19, minor
         # in bits 0-7 and 20-31.
         rdev = os.makedev((a.rdev & 0xFFF00) >> 8, (a.rdev & 0xFF) | ((a.rdev >> 12) & 0xFFF00))
@@ -624,15 +624,15 @@ class FuseServer:
 
     def _mkdir(self, ctx, nodeid, args) -> bytes:
         a = fuse.fuse_mkdir_in.unpack_from(args)
-        name = _parse_names(args[fuse.fuse_mkdir_in.size:], 1)[0]
+        name = _parse_name(args[fuse.fuse_mkdir_in.size:])
         return self._entry(self.fs.mkdir(ctx, nodeid, name, a.mode, self._umask(a.umask)))
 
     def _unlink(self, ctx, nodeid, args) -> bytes:
-        self.fs.unlink(ctx, nodeid, _parse_names(args, 1)[0])
+        self.fs.unlink(ctx, nodeid, _parse_name(args))
         return b""
 
     def _rmdir(self, ctx, nodeid, args) -> bytes:
-        self.fs.rmdir(ctx, nodeid, _parse_names(args, 1)[0])
+        self.fs.rmdir(ctx, nodeid, _parse_name(args))
         return b""
 
     def _rename(self, ctx, nodeid, reader, writer) -> bytes:
@@ -649,7 +649,7 @@ class FuseServer:
 
     def _link(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_link_in.unpack(reader.read(fuse.fuse_link_in.size))
-        name = _parse_names(reader.read_rest(), 1)[0]
+        name = _parse_name(reader.read_rest())
         return self._entry(self.fs.link(ctx, a.oldnodeid, nodeid, name))
 
     def _statfs(self, ctx, nodeid, reader, writer) -> bytes:
@@ -672,7 +672,7 @@ class FuseServer:
 
     def _create(self, ctx, nodeid, args) -> bytes:
         a = fuse.fuse_create_in.unpack_from(args)
-        name = _parse_names(args[fuse.fuse_create_in.size:], 1)[0]
+        name = _parse_name(args[fuse.fuse_create_in.size:])
         return self._entry_open(*self.fs.create(ctx, nodeid, name, a.mode,
                                                 self._umask(a.umask), a.flags))
 
@@ -752,25 +752,29 @@ class FuseServer:
         out = bytearray()
         hdr = fuse.fuse_direntplus.size
         pack, lookup = fuse.fuse_direntplus.flat_pack, self.fs.lookup
-        entry_values = self._entry_values
-        for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=True):
-            name = d.name
-            reclen = (hdr + len(name) + 7) & ~7   # fuse.dirent_align, inlined
+        attr_values = self._attr_values
+        (entry_valid, entry_nsec), (attr_valid, attr_nsec) = self._entry_valid, self._attr_valid
+        # (fuse_entry_out's fields, as _entry packs them, are packed here: this
+        # runs per entry, and each call on the way is a sizeable part of it)
+        for name, d_ino, d_type, d_off in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=True):
+            namelen = len(name)
+            reclen = (hdr + namelen + 7) & ~7   # fuse.dirent_align, inlined
             if len(out) + reclen > room:
                 break  # the entry is not sent, so it is not looked up either
             entry = None
             if name != b"." and name != b"..":
                 try:
-                    entry = lookup(ctx, nodeid, name, d.ino)
+                    entry = lookup(ctx, nodeid, name, d_ino)
                 except OSError:
                     entry = None  # vanished since listed: plain entry
             if entry is None:  # nodeid 0: the kernel links nothing for it
-                out += pack(*_NO_ENTRY, d.ino, d.off, len(name), d.type)
+                out += pack(*_NO_ENTRY, d_ino, d_off, namelen, d_type)
             else:
-                out += pack(*entry_values(entry), d.ino, d.off, len(name),
-                            (entry.attr.mode >> 12) & 0xF)
+                child, generation, attr = entry
+                out += pack(child, generation, entry_valid, attr_valid, entry_nsec, attr_nsec,
+                            *attr_values(attr), d_ino, d_off, namelen, (attr.mode >> 12) & 0xF)
             out += name
-            out += _PAD[reclen - hdr - len(name)]
+            out += _PAD[reclen - hdr - namelen]
         return bytes(out)
 
     # ------------------------------------------------------------------
@@ -880,6 +884,21 @@ def _parse_names(data, count: int) -> list[bytes]:
     for name in names:
         check_name(name)
     return names
+
+
+def _parse_name(data) -> bytes:
+    """`_parse_names(data, 1)[0]` in one call: LOOKUP, CREATE, UNLINK, ... name
+    one node each, and the checks' calls were a tenth of a LOOKUP's CPU.  The
+    tests are those of `_parse_strings` and `check_name`, which are called to
+    raise the precise error when one fails."""
+    data = bytes(data)  # one copy: a view of guest memory can change under the checks
+    end = data.find(b"\0")
+    if end < 0 or (end + 1 < len(data) and data[end + 1:].strip(b"\0")):
+        _parse_strings(data, 1)
+    name = data[:end]
+    if not name or name == b"." or name == b".." or b"/" in name or len(name) > NAME_MAX:
+        check_name(name)
+    return name
 
 
 def check_name(name: bytes) -> None:

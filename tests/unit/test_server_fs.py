@@ -19,6 +19,7 @@ from protocol.buffers import Reader, Writer
 from vfsd import ownership
 from vfsd.fsapi import Ctx
 from vfsd.passthrough import PassthroughFs
+from vfsd import server as server_mod
 from vfsd.server import NO_REPLY, FuseServer
 
 UID, GID = 1234, 5678
@@ -146,6 +147,24 @@ def test_host_files_show_default_owner(s, tmp_path):
 def test_bad_names_rejected(s, name):
     err, _ = s.call(fuse.Opcode.LOOKUP, 1, extra=[name + b"\0"])
     assert err == errno.EINVAL
+
+
+NAME_CASES = [b"a\0", b"a\0\0\0", b"a\0b", b"a\0\0b", b"a", b"", b"\0", b".\0", b"..\0",
+              b"...\0", b"a/b\0", b"/\0", b"x" * 255 + b"\0", b"x" * 256 + b"\0", b"\xff\xfe\0"]
+
+
+@pytest.mark.parametrize("data", NAME_CASES)
+def test_parse_name_is_parse_names_of_one(data):
+    """_parse_name, the one-name fast path, accepts and refuses exactly what
+    _parse_names(data, 1) does, with the same error."""
+    def outcome(fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - the exception is the outcome compared
+            return type(e), getattr(e, "errno", None), str(e)
+    want = outcome(lambda: server_mod._parse_names(data, 1)[0])
+    assert outcome(lambda: server_mod._parse_name(data)) == want
+    assert outcome(lambda: server_mod._parse_name(memoryview(data))) == want
 
 
 def test_name_without_nul_and_lying_lengths(s):

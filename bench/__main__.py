@@ -5,6 +5,7 @@
     python3 -m bench memory [--files N]
     python3 -m bench profile [--quick] [--top N] [--py-spy]
     python3 -m bench components      (per-request costs of vfsd's pieces, in process)
+    python3 -m bench instructions [--compare REV]   (the same, counted by valgrind: no noise)
 
 `--wait-idle SECONDS` (any benchmark) first waits up to that long for the machine to be idle
 (1-minute load average under 0.6, no other QEMU or vfsd running); the load is printed either
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
         from .profile import main as m
     elif cmd == "components":
         from .components import main as m
+    elif cmd == "instructions":
+        from .instructions import main as m
     else:
         print(f"unknown benchmark {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
         return 2

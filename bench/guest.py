@@ -52,7 +52,7 @@ from pathlib import Path
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
 from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
-                     session_cpu_times)
+                     session_cpu_times, source_at)
 from .tarball import make_tarball
 
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
@@ -247,7 +247,8 @@ class SessionCpu:
 def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir: Path,
                 timeout: float, vfsd_args: list[str] = (), count: bool = False,
                 profile_top: int = 0, virtiofsd_args: list[str] = (),
-                host_fs: str = "disk", pin: tuple[set[int], set[int]] | None = None) -> dict:
+                host_fs: str = "disk", pin: tuple[set[int], set[int]] | None = None,
+                source_root: Path | None = None) -> dict:
     share = workdir / f"share-{backend}"
     share.mkdir()
     if host_fs == "tmpfs":
@@ -257,7 +258,7 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
                         str(share)], check=True)
     try:
         return _run_backend(backend, kernel, script, files, share, workdir, timeout,
-                            vfsd_args, count, profile_top, virtiofsd_args, pin)
+                            vfsd_args, count, profile_top, virtiofsd_args, pin, source_root)
     finally:
         if host_fs == "tmpfs":
             subprocess.run(["umount", str(share)], check=False)
@@ -322,7 +323,8 @@ def pin_split(spec: str | None) -> tuple[set[int], set[int]] | None:
 
 def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: Path,
                  workdir: Path, timeout: float, vfsd_args, count: bool, profile_top: int,
-                 virtiofsd_args, pin: tuple[set[int], set[int]] | None = None) -> dict:
+                 virtiofsd_args, pin: tuple[set[int], set[int]] | None = None,
+                 source_root: Path | None = None) -> dict:
     os.chmod(share, 0o755)
     common = dict(files=files, mem="1G", kernel=kernel, timeout=timeout)
     t0 = time.monotonic()
@@ -335,7 +337,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
                 prof.unlink()
         d = BenchDaemon(workdir, share,
                         [*vfsd_args, *(["--log-level", "debug"] if count else [])],
-                        profile=prof)
+                        profile=prof, source_root=source_root)
         with _started(d, pin and pin[0]):
             r = _guest_on(d, pin, script, common, info)
             rc = d.wait_exit(20)
@@ -383,7 +385,10 @@ def main(argv: list[str]) -> int:
                    help="comma-separated, from " + ",".join(BACKENDS) + "; 'vfsd:OPTIONS' is "
                         "vfsd with extra options (e.g. 'vfsd:--xattr --posix-acl'), "
                         "'virtiofsd:OPTIONS' the same for the C virtiofsd (e.g. "
-                        "'virtiofsd:-o xattr -o posix_acl'), to compare settings")
+                        "'virtiofsd:-o xattr -o posix_acl'), to compare settings; "
+                        "'vfsd@REV' (or 'vfsd@REV:OPTIONS') is vfsd's code at git revision "
+                        "REV, to compare code (e.g. --backends vfsd@HEAD,vfsd,virtiofsd: "
+                        "the last commit against the working tree)")
     p.add_argument("--reference", default=None,
                    help="the backend the ratio columns divide by (default: the first "
                         "virtiofsd backend)")
@@ -419,9 +424,11 @@ def main(argv: list[str]) -> int:
         p.error(str(e))
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     for b in backends:
-        if b.split(":")[0] not in BACKENDS or (
-                ":" in b and not b.startswith(("vfsd:", "virtiofsd:"))):
-            p.error(f"unknown backend {b!r} (vfsd:OPTIONS runs vfsd with extra options)")
+        base, _, rev = b.partition(":")[0].partition("@")
+        if base not in BACKENDS or (":" in b and base not in ("vfsd", "virtiofsd")) or (
+                rev and base != "vfsd"):
+            p.error(f"unknown backend {b!r} (vfsd:OPTIONS runs vfsd with extra options, "
+                    f"vfsd@REV vfsd's code at a git revision)")
     if a.host_fs == "tmpfs" and os.geteuid() != 0:
         p.error("--host-fs tmpfs mounts a tmpfs per run: run as root")
     if os.geteuid() != 0 and any(b.startswith(("virtiofsd", "9p")) for b in backends):
@@ -451,6 +458,11 @@ def main(argv: list[str]) -> int:
     workdir = make_workdir()
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     try:
+        sources = {}   # vfsd@REV: the vfsd and protocol packages at REV
+        for b in backends:
+            rev = b.partition(":")[0].partition("@")[2]
+            if rev and rev not in sources:
+                sources[rev] = source_at(rev, workdir / f"src-{len(sources)}")
         for rep in range(a.repeat):
             # Every other round in reverse order: what a run leaves on the host's
             # filesystem (thousands of just-deleted inodes) changes what the next
@@ -458,14 +470,15 @@ def main(argv: list[str]) -> int:
             # so no backend always comes first.
             for b in (backends if rep % 2 == 0 else backends[::-1]):
                 note(f"guest: {b} (run {rep + 1}/{a.repeat})")
-                base, _, extra = b.partition(":")
+                name, _, extra = b.partition(":")
+                base, _, rev = name.partition("@")
                 vfsd_args = shlex.split(a.vfsd_args) + (shlex.split(extra)
                                                          if base == "vfsd" else [])
                 info = run_backend(base, kernel, script.replace("@MOUNT@", MOUNTS[base]),
                                    files, workdir, timeout, vfsd_args,
                                    a.count_requests, a.profile,
                                    shlex.split(extra) if base == "virtiofsd" else [],
-                                   a.host_fs, pin)
+                                   a.host_fs, pin, sources.get(rev))
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
                 note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")

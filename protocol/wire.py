@@ -13,6 +13,7 @@ from collections import namedtuple
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 Field = tuple[str, Union[str, "WireStruct"]]
+_tuple_new = tuple.__new__
 
 
 class WireStruct:
@@ -122,7 +123,9 @@ class WireStruct:
     def unpack_from(self, buf: Any, offset: int = 0) -> Any:
         """Unpack one struct at `offset`; raises `struct.error` if `buf` is short."""
         flat = self._struct.unpack_from(buf, offset)
-        return self.tuple._make(flat) if self._plain else self._build(flat)
+        # (the named tuple made straight from the values: struct gives exactly
+        # one per field, so _make's count check and its Python frame are not needed)
+        return _tuple_new(self.tuple, flat) if self._plain else self._build(flat)
 
     def unpack(self, buf: Any) -> Any:
         """Unpack a buffer that must be exactly `size` bytes long."""

@@ -130,6 +130,7 @@ class FuseServer:
         # sends these most (a tar, chown -R or rm -r: LOOKUP, GETATTR,
         # SETATTR, FORGET, RELEASE, UNLINK, CREATE, OPEN), and the no-reply
         # ones must be here too (`_no_reply`).
+        self._last_ctx = new_ctx((0, 0, 0, ()))  # handle_views: the last caller's Ctx
         self._arg_handlers: dict[int, Callable[[Ctx | None, int, bytes | memoryview],
                                                bytes | None]] = {
             fuse.Opcode.LOOKUP: self._lookup,
@@ -215,8 +216,13 @@ class FuseServer:
                     # buffer, the header to the first.  (Here, not in a
                     # method of its own: a call is a sizeable part of a
                     # request's CPU; docs/performance.md.)
+                    # The caller is most often the one of the previous
+                    # request (one process at work): its Ctx is reused.
+                    ctx = self._last_ctx
+                    if ctx[2] != pid or ctx[0] != uid or ctx[1] != gid:
+                        self._last_ctx = ctx = new_ctx((uid, gid, pid, ()))
                     try:
-                        body = handler(new_ctx((uid, gid, pid, ())), nodeid, args)
+                        body = handler(ctx, nodeid, args)
                         n = len(body)
                         room = len(writable[1]) if len(writable) == 2 else 0
                         if n > room:

@@ -265,6 +265,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this machine's CPUs wanted it (the
+    steal column of /proc/stat, summed over CPUs): what a run lost to the host's other
+    tenants, which no median removes when it hits one backend's run and not another's."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM, ... (kB) and Threads from /proc/PID/status."""
     out = {}

@@ -31,7 +31,9 @@ Phases (seconds from /proc/uptime, 10 ms resolution; caches dropped with
 
 The last rows are each daemon's CPU over the whole run (every process of its session, from
 /proc/PID/stat), split into user time (its own code: the interpreter, for vfsd) and system time
-(the kernel's work for its syscalls).
+(the kernel's work for its syscalls).  The very last is the CPU time the hypervisor took from
+this machine during each run (/proc/stat's steal): a run that lost seconds to the host's other
+tenants is slower for it, whichever backend it ran.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from pathlib import Path
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
 from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
-                     session_cpu_times, source_at)
+                     session_cpu_times, source_at, steal_seconds)
 from .tarball import make_tarball
 
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
@@ -328,6 +330,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
     os.chmod(share, 0o755)
     common = dict(files=files, mem="1G", kernel=kernel, timeout=timeout)
     t0 = time.monotonic()
+    steal0 = steal_seconds()
     info: dict = {"backend": backend}
     if backend == "vfsd":
         prof = workdir / "run" / "vfsd-guest.prof" if profile_top else None
@@ -368,6 +371,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
     else:
         raise ValueError(backend)
     info["wall"] = round(time.monotonic() - t0, 1)
+    info["steal"] = round(steal_seconds() - steal0, 2)
     info["status"] = r.status
     info["phases"] = parse_marks(r.output)
     m = re.search(r"^@MOUNTINFO (.*)$", r.output, re.M)
@@ -481,7 +485,8 @@ def main(argv: list[str]) -> int:
                                    a.host_fs, pin, sources.get(rev))
                 info["script_ok"] = "error" not in info
                 runs[b].append(info)
-                note(f"guest: {b}: {info['wall']} s wall, phases {info['phases']}")
+                note(f"guest: {b}: {info['wall']} s wall, {info['steal']} s stolen by the "
+                     f"host, phases {info['phases']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     pinned = pin and (",".join(map(str, sorted(pin[0]))) + ", QEMU on CPU "
@@ -530,6 +535,8 @@ def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None)
         for key in ("cpu", "user", "sys"):
             vals = [r[f"daemon_{key}"] for r in ok if f"daemon_{key}" in r]
             med[b][key] = statistics.median(vals) if vals else None
+        vals = [r["steal"] for r in ok if "steal" in r]
+        med[b]["steal"] = statistics.median(vals) if vals else None
     if ref is None:
         ref = next((b for b in backends if b.partition(":")[0] == "virtiofsd"), None)
     hdr = ["phase"] + [f"{b} s" for b in backends]
@@ -537,8 +544,9 @@ def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None)
         hdr += [f"{b} / {ref}" for b in backends if b != ref]
     rows = []
     labels = dict(PHASES, total="total", cpu="daemon CPU over the whole run (s)",
-                  user="  of which user (the daemon's code)", sys="  of which system (syscalls)")
-    for ph in [p for p, _ in PHASES] + ["total", "cpu", "user", "sys"]:
+                  user="  of which user (the daemon's code)", sys="  of which system (syscalls)",
+                  steal="CPU the host took from this machine (steal, s)")
+    for ph in [p for p, _ in PHASES] + ["total", "cpu", "user", "sys", "steal"]:
         label = labels[ph].replace("N", str(facts["small"]))
         if ph == "write" or ph == "read":
             label += f" ({facts['big_mib']} MiB)"

@@ -38,6 +38,7 @@ CASES = [
     ("lookup-live", "LOOKUP of a live node", "server()", "hv(lookup_req, w, 43, 8192)", 1),
     ("lookup-new", "LOOKUP of a node not live + its FORGET", "server()", "lookup_new()", 1),
     ("setattr", "SETATTR: chown (a new record each time)", "server()", "chown()", 1),
+    ("open-release", "OPEN + RELEASE of a file", "server()", "open_release()", 1),
     ("readdirplus", "READDIRPLUS, per entry (2000 entries not live, then forgotten)",
      "server()", "readdirplus_pass()", 2000),
 ]
@@ -80,7 +81,7 @@ def ring():
 def server():
     from bench.components import InProcess
     from vfsd.fsapi import Ctx
-    global hv, w, getattr_req, lookup_req, lookup_new, chown, readdirplus_pass
+    global hv, w, getattr_req, lookup_req, lookup_new, chown, open_release, readdirplus_pass
     ip = InProcess(ROOT)
     fs, srv, hv = ip.fs, ip.srv, ip.srv.handle_views
     out = bytearray(8192)
@@ -109,6 +110,15 @@ def server():
 
     def chown():
         hv([sa_hdr, next(owners)], w, 40 + sa.size, 8192)
+
+    open_req = [memoryview(HDR.pack(48, fuse.Opcode.OPEN, 9, node, 0, 0, 1, 0, 0)),
+                memoryview(fuse.fuse_open_in.pack(flags=os.O_RDONLY))]
+    rel_hdr = memoryview(HDR.pack(64, fuse.Opcode.RELEASE, 9, node, 0, 0, 1, 0, 0))
+
+    def open_release():
+        hv(open_req, w, 48, 8192)
+        fh = struct.unpack_from("<Q", out, 16)[0]
+        hv([rel_hdr, memoryview(fuse.fuse_release_in.pack(fh=fh))], w, 64, 8192)
 
     rin = struct.Struct("<QQIIQII")   # fuse_read_in, flat
     entry, tail = struct.Struct("<Q"), struct.Struct("<QQII")

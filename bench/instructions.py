@@ -33,6 +33,8 @@ from .common import REPO, fmt_table, make_workdir, source_at
 CASES = [
     ("ring", "ring: pop() + push() of a GETATTR's chain (indirect table of 4)", "ring()",
      "one_chain()", 1),
+    ("request", "GETATTR, the whole path: ring, device, server, filesystem, notification",
+     "request()", "one_request()", 1),
     ("getattr", "GETATTR (FuseServer.handle_views + PassthroughFs)", "server()",
      "hv(getattr_req, w, 56, 8192)", 1),
     ("lookup-live", "LOOKUP of a live node", "server()", "hv(lookup_req, w, 43, 8192)", 1),
@@ -51,11 +53,14 @@ HDR = struct.Struct("<IIQQIIIHH")   # fuse_in_header, flat
 F = collections.namedtuple("F", "nodeid nlookup")
 
 
-def ring():
+def _queue():
+    """A queue of 256 in 1 MiB of guest memory whose head 0 is a GETATTR's chain: an
+    indirect table of 4 (header | arguments | reply header | reply, as Linux lays it
+    out).  Returns the queue, the memory, the request's offset in it and `offer()`,
+    which has the driver offer head 0 again."""
     from protocol.memory import GuestMemory
     from protocol.virtqueue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
                                     VIRTQ_DESC_F_WRITE, Virtqueue)
-    global one_chain
     size, base = 256, 0x10000
     buf = bytearray(1 << 20)
     mem = GuestMemory.from_buffers([(base, buf)])
@@ -63,7 +68,7 @@ def ring():
     data, table = base + 0x10000, base + 0x12000
     d = struct.Struct("<QIHH")
     d.pack_into(buf, 0, table, 64, VIRTQ_DESC_F_INDIRECT, 0)
-    t = table - base    # header | arguments | reply header | reply, as Linux lays it out
+    t = table - base
     d.pack_into(buf, t, data, 40, VIRTQ_DESC_F_NEXT, 1)
     d.pack_into(buf, t + 16, data + 64, 16, VIRTQ_DESC_F_NEXT, 2)
     d.pack_into(buf, t + 32, data + 128, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 3)
@@ -72,10 +77,43 @@ def ring():
     idx = avail - base + 2
     n = [0]
 
-    def one_chain():
+    def offer():
         n[0] = (n[0] + 1) & 0xFFFF
-        struct.pack_into("<H", buf, idx, n[0])   # the driver offers head 0 again
+        struct.pack_into("<H", buf, idx, n[0])
+
+    return vq, buf, data - base, offer
+
+
+def ring():
+    global one_chain
+    vq, _, _, offer = _queue()
+
+    def one_chain():
+        offer()
         vq.push(vq.pop().head, 16)
+
+
+def request():
+    """A GETATTR through the ring worker's drain of one kick: pop, the device's
+    handle_chain, the server, the filesystem, push, the call eventfd's signal."""
+    import types
+    from bench.components import InProcess
+    from protocol.vhost_user import Vring
+    from vfsd.transport import VirtioFsDevice
+    global one_request
+    vq, buf, at, offer = _queue()
+    ip = InProcess(ROOT)
+    d = struct.unpack_from("<Q", ip.call(fuse.Opcode.LOOKUP, 1, b"small\0"), 16)[0]
+    node = struct.unpack_from("<Q", ip.call(fuse.Opcode.LOOKUP, d, b"f1\0"), 16)[0]
+    HDR.pack_into(buf, at, 56, fuse.Opcode.GETATTR, 9, node, 0, 0, 1, 0, 0)
+    v = Vring(types.SimpleNamespace(device=VirtioFsDevice(ip.srv)), 1)
+    v._vq, v.enabled, v.call_fd = vq, True, os.eventfd(0, os.EFD_NONBLOCK)
+
+    def one_request():
+        offer()
+        v._drain()
+        if buf[at + 128 + 4:at + 128 + 8] != bytes(4):   # fuse_out_header.error
+            raise RuntimeError("the GETATTR failed")
 
 
 def server():

@@ -317,11 +317,10 @@ class PassthroughFs:
             os.close(fd)
             raise
 
-    def _entry(self, ino: Inode, st: os.stat_result | None = None,
-               parent: Inode | None = None) -> Entry:
-        # a different st_dev than the parent's: a mount point inside the share
-        return new_entry((ino.nodeid, 0, self._attr(
-            ino, st, parent is not None and parent.key[0] != ino.key[0])))
+    def _entry(self, ino: Inode, st: os.stat_result | None = None) -> Entry:
+        """The entry of a node just made or linked in its parent (never a mount
+        point: `lookup` finds those)."""
+        return new_entry((ino.nodeid, 0, self._attr(ino, st)))
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         if nodeid == ROOT_ID:
@@ -790,7 +789,8 @@ class PassthroughFs:
             probe = ino.nlookup > 1  # (it was live after all: a hint only)
         if not listed_ino:
             parent.live_children = probe
-        # _entry, inlined
+        # (_entry, inlined) A different st_dev than the parent's: a mount
+        # point inside the share, FUSE_ATTR_SUBMOUNT for the guest.
         return new_entry((ino.nodeid, 0, self._attr(ino, st, parent.key[0] != ino.key[0])))
 
     def getattr(self, ctx: Ctx, nodeid: int, fh: int | None) -> Attr:

@@ -869,13 +869,7 @@ def _parse_strings(data, count: int) -> list[bytes]:
     remainder must be exactly `s1\0 s2\0`; anything else is a lying length.
     """
     data = bytes(data)  # one copy: a view of guest memory can change under the checks
-    if count == 1:  # LOOKUP, UNLINK, CREATE, GETXATTR, ...: the same rules, no split
-        end = data.find(b"\0")
-        if end < 0:
-            raise ProtocolError("string argument is not NUL-terminated")
-        if end + 1 < len(data) and data[end + 1:].strip(b"\0"):
-            raise ProtocolError("trailing bytes after the string arguments")
-        return [data[:end]]
+    # (the one-name requests, the frequent ones, go through _parse_name)
     parts = data.split(b"\0")
     if len(parts) < count + 1:
         raise ProtocolError("string argument is not NUL-terminated")

@@ -128,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="honour O_DIRECT from guest applications (default: dropped)")
     G("--allow-mmap", action="store_true",
       help="with --cache=never or metadata, let the guest mmap shared files")
-    G("--killpriv-v2", dest="killpriv_v2", action="store_const", const=True, default=False,
-      help="FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid on writes (default off)")
+    G("--killpriv-v2", dest="killpriv_v2", action="store_const", const=True, default=True,
+      help="FUSE_HANDLE_KILLPRIV_V2: the daemon, not the guest kernel, clears setuid/setgid "
+           "and capabilities on writes, truncates and chowns (the default; virtiofsd's is off)")
     G("--no-killpriv-v2", dest="killpriv_v2", action="store_const", const=False,
-      help="no KILLPRIV_V2 (the default)")
+      help="no KILLPRIV_V2: the guest kernel clears them, at a GETATTR more per chown")
     G("--announce-submounts", dest="announce_submounts", action="store_const", const=True,
       default=True, help="tell the guest which directories are mount points (the default)")
     G("--no-announce-submounts", dest="announce_submounts", action="store_const",

@@ -167,7 +167,9 @@ class Config:
     posix_acl: bool = False              # needs xattr (--posix-acl implies --xattr)
     xattrmap: tuple[XattrRule, ...] | None = None
     security_label: bool = False
-    killpriv_v2: bool = False
+    # On, unlike virtiofsd (see docs/virtiofsd-compat.md): vfsd clears the bits in its own
+    # record, not through the host kernel, and the guest then skips a GETATTR per chown.
+    killpriv_v2: bool = True
     announce_submounts: bool = True      # as virtiofsd 1.13 (default on)
     allow_direct_io: bool = False
     allow_mmap: bool = False

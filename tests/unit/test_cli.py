@@ -76,7 +76,7 @@ def test_defaults():
     assert (c.shared_dir, c.socket_path, c.fd) == ("/srv/share", "/run/vfsd.sock", None)
     assert c.cache == "auto" and c.entry_timeout == 1.0 and c.effective_readdirplus
     assert not c.xattr and not c.posix_acl and not c.security_label and c.xattrmap is None
-    assert c.announce_submounts and not c.killpriv_v2 and not c.writeback
+    assert c.announce_submounts and c.killpriv_v2 and not c.writeback
     assert not c.allow_direct_io and not c.allow_mmap and not c.preserve_noatime
     assert c.sandbox is None and c.seccomp is None and c.rlimit_nofile is None
     assert c.inode_file_handles == "never" and c.thread_pool_size == 0
@@ -112,7 +112,7 @@ def test_equals_and_space_forms(opt, value, attr, expected):
 FLAG_OPTIONS = [
     ("--readonly", "readonly", True), ("--writeback", "writeback", True),
     ("--no-readdirplus", "readdirplus", False), ("--allow-direct-io", "allow_direct_io", True),
-    ("--allow-mmap", "allow_mmap", True), ("--killpriv-v2", "killpriv_v2", True),
+    ("--allow-mmap", "allow_mmap", True), ("--no-killpriv-v2", "killpriv_v2", False),
     ("--no-announce-submounts", "announce_submounts", False),
     ("--security-label", "security_label", True), ("--syslog", "syslog", True),
     ("--preserve-noatime", "preserve_noatime", True),
@@ -406,13 +406,13 @@ def test_modcaps():
 
 def test_session_options_follow_the_config():
     o = daemon.session_options(parse("--cache=never", "--writeback", "--security-label",
-                                     "--killpriv-v2", "--no-announce-submounts", "--allow-mmap",
+                                     "--no-killpriv-v2", "--no-announce-submounts", "--allow-mmap",
                                      "--posix-acl"))
     assert (o.entry_timeout, o.attr_timeout, o.direct_io, o.keep_cache) == (0, 0, True, False)
-    assert not o.readdirplus and o.writeback and o.security_label and o.killpriv_v2
+    assert not o.readdirplus and o.writeback and o.security_label and not o.killpriv_v2
     assert not o.announce_submounts and o.allow_mmap and o.xattr and o.posix_acl
     o = daemon.session_options(parse("--cache=always", "--no-xattr"))
-    assert o.keep_cache and o.entry_timeout == 86400 and o.readdirplus
+    assert o.keep_cache and o.entry_timeout == 86400 and o.readdirplus and o.killpriv_v2
     assert not o.xattr and not o.posix_acl
     o = daemon.session_options(cli.parse_args(["--socket-path=/s", "-o", "source=/d,timeout=7"]))
     assert o.entry_timeout == o.attr_timeout == 7

@@ -3,7 +3,7 @@
 One guest boot (module fixture) runs tests/vm/conformance/posix_suite.py (as root, as ordinary
 users, and as root orchestrating several users) in a fresh directory on each of three vfsd
 shares - --xattr --posix-acl (the suite covers xattrs and ACLs, which are off by default, as in
-virtiofsd), the same plus --killpriv-v2, and plus --cache never; each daemon unprivileged, each
+virtiofsd), the same plus --no-killpriv-v2, and plus --cache never; each daemon unprivileged, each
 its own vhost-user-fs device - and in a fresh directory on a guest-local ext4 (an image made
 here with mkfs.ext4, attached as a virtio disk; 4 KiB blocks and 256-byte inodes like a usual
 host ext4, so both have nanosecond times and 4 KiB hole granularity).
@@ -81,9 +81,10 @@ FEATURES = ["--xattr", "--posix-acl"]
 #: The vfsd configurations the suite runs against: (guest mount point, virtio-fs tag, extra
 #: daemon arguments, extra allowed differences).
 TARGETS = {
+    # The default: HANDLE_KILLPRIV_V2, the daemon clears setuid/setgid/capabilities itself.
     "vfsd": ("/mnt", "myfs", [*FEATURES], {}),
-    # HANDLE_KILLPRIV_V2: the daemon, not the guest kernel, clears setuid/setgid/capabilities.
-    "vfsd-killpriv-v2": ("/kp", "kp", [*FEATURES, "--killpriv-v2"], {}),
+    # Without it the guest kernel clears them (virtiofsd's default).
+    "vfsd-no-killpriv-v2": ("/kp", "kp", [*FEATURES, "--no-killpriv-v2"], {}),
     # cache=never: FOPEN_DIRECT_IO, another write path in the guest's FUSE client.
     "vfsd-cache-never": ("/nc", "nc", [*FEATURES, "--cache", "never"], {}),
 }
@@ -91,17 +92,17 @@ TARGETS = {
 # (fuse_setattr, Linux 6.1) and only together with group-execute, the pre-6.2 rule; the local
 # filesystem uses the kernel's current rule (setattr_should_drop_sgid: also when the writer
 # is not in the file's group).  The daemon is never asked.
-for _name in ("vfsd", "vfsd-cache-never"):
-    TARGETS[_name][3][("killpriv@x", "stat sgid-nox")] = (
-        "guest FUSE client keeps setgid without group-exec (pre-6.2 rule)", ANY)
-# With FOPEN_DIRECT_IO the 6.1 FUSE client refuses shared writable mappings (fuse_file_mmap:
-# ENODEV; FUSE_DIRECT_IO_ALLOW_MMAP only exists from Linux 6.6 on).
+TARGETS["vfsd-no-killpriv-v2"][3][("killpriv@x", "stat sgid-nox")] = (
+    "guest FUSE client keeps setgid without group-exec (pre-6.2 rule)", ANY)
 # HANDLE_KILLPRIV_V2 and chown(f, -1, -1): the VFS asks to drop setuid, but the 6.1 FUSE
 # client strips the kill bits and sends a SETATTR with only FATTR_CTIME, which is also what
 # utimensat(UTIME_OMIT, UTIME_OMIT) sends (and that must not drop setuid).  The daemon cannot
 # tell the two apart, so it keeps the bits.
-TARGETS["vfsd-killpriv-v2"][3][("chown@user", "stat h")] = (
-    "chown(-1, -1) under killpriv_v2 is indistinguishable from a ctime-only utimensat", ANY)
+for _name in ("vfsd", "vfsd-cache-never"):
+    TARGETS[_name][3][("chown@user", "stat h")] = (
+        "chown(-1, -1) under killpriv_v2 is indistinguishable from a ctime-only utimensat", ANY)
+# With FOPEN_DIRECT_IO the 6.1 FUSE client refuses shared writable mappings (fuse_file_mmap:
+# ENODEV; FUSE_DIRECT_IO_ALLOW_MMAP only exists from Linux 6.6 on).
 for _v in ("root", "user"):
     TARGETS["vfsd-cache-never"][3][
         (f"mmap@{_v}", "MAP_SHARED write, pread, pwrite, read back")] = (

@@ -95,12 +95,13 @@ TARGETS = {
 TARGETS["vfsd-no-killpriv-v2"][3][("killpriv@x", "stat sgid-nox")] = (
     "guest FUSE client keeps setgid without group-exec (pre-6.2 rule)", ANY)
 # HANDLE_KILLPRIV_V2 and chown(f, -1, -1): the VFS asks to drop setuid, but the 6.1 FUSE
-# client strips the kill bits and sends a SETATTR with only FATTR_CTIME, which is also what
-# utimensat(UTIME_OMIT, UTIME_OMIT) sends (and that must not drop setuid).  The daemon cannot
-# tell the two apart, so it keeps the bits.
+# client strips the kill bits (fuse_setattr) and sends a SETATTR that names no attribute and
+# carries no kill flag (fuse_do_setattr adds FATTR_KILL_SUIDGID only to a uid/gid change or
+# a truncate).  The daemon does not read a kill into a request that asks for none; keeping
+# setuid there gives no one anything, since the owner does not change.
 for _name in ("vfsd", "vfsd-cache-never"):
     TARGETS[_name][3][("chown@user", "stat h")] = (
-        "chown(-1, -1) under killpriv_v2 is indistinguishable from a ctime-only utimensat", ANY)
+        "chown(-1, -1) under killpriv_v2 reaches the daemon as an empty SETATTR", ANY)
 # With FOPEN_DIRECT_IO the 6.1 FUSE client refuses shared writable mappings (fuse_file_mmap:
 # ENODEV; FUSE_DIRECT_IO_ALLOW_MMAP only exists from Linux 6.6 on).
 for _v in ("root", "user"):

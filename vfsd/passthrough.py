@@ -802,7 +802,8 @@ class PassthroughFs:
     def setattr(self, ctx: Ctx, nodeid: int, ch: SetAttr) -> Attr:
         self._check_writable()
         ino = self._inode(nodeid)
-        owner = ch.mode is not None or ch.uid is not None or ch.gid is not None or ch.kill_suidgid
+        asked = ch.mode is not None or ch.uid is not None or ch.gid is not None
+        owner = asked or ch.kill_suidgid
         new = None  # the record written, if any
         with ino.lock:
             # Host fields before the change are only needed to truncate, and
@@ -841,7 +842,11 @@ class PassthroughFs:
                         self._xremove(ino, self._caps)
                 # (records are interned: the same owner and mode is most often
                 # the same object, which spares the field-by-field compare)
-                if (rec is not old and rec != old) or ino.record is None:
+                # A node without a record gets one from a chown or chmod, even to
+                # the values it shows; a kill alone (a truncate under KILLPRIV_V2)
+                # that clears nothing leaves a host file as it is.
+                if (rec is not old and rec != old) or (
+                        ino.record is None and asked):
                     self._store_record(ino, rec, st)
                     new = rec
                 if ch.mode is not None and self.posix_acl:

@@ -262,6 +262,26 @@ def test_kill_caps_costs_one_removexattr_until_caps_are_set_again(fs, calls):
     assert calls["removexattr"] == 2 and enodata(fs, e.nodeid, CAPS)
 
 
+def test_a_kill_that_clears_nothing_writes_no_record(fs, share):
+    """Under KILLPRIV_V2 a truncate by any caller without CAP_FSETID carries
+    FATTR_KILL_SUIDGID: a host file without a record keeps having none, while a
+    record with setuid loses the bit."""
+    plain = share / "plain"
+    plain.write_bytes(b"data")
+    e = fs.lookup(CTX, 1, b"plain")
+    assert fs.setattr(CTX, e.nodeid, SetAttr(size=0, kill_suidgid=True)).size == 0
+    assert plain.stat().st_size == 0 and "user.o" not in os.listxattr(plain)
+    suid = host_file(share, "suid", ownership.Record(1000, 1000, 0o104755))
+    e = fs.lookup(CTX, 1, b"suid")
+    assert fs.setattr(CTX, e.nodeid, SetAttr(size=0, kill_suidgid=True)).mode == 0o100755
+    assert ownership.decode(os.getxattr(suid, "user.o")) == ownership.Record(1000, 1000, 0o100755)
+    # a chown to the values shown still gives the plain file a record
+    e = fs.lookup(CTX, 1, b"plain")
+    a = fs.getattr(CTX, e.nodeid, None)
+    fs.setattr(CTX, e.nodeid, SetAttr(uid=a.uid, gid=a.gid, kill_suidgid=True))
+    assert "user.o" in os.listxattr(plain)
+
+
 def test_a_read_overtaken_by_a_write_is_not_remembered(fs):
     e, _ = fs.create(CTX, 1, b"f", 0o644, 0o022, os.O_RDWR)
     ino = fs._inode(e.nodeid)

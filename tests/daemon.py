@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -265,6 +266,12 @@ class Daemon:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def accepted_init(self) -> tuple[str, int] | None:
+        """The daemon's INIT log line and the FUSE flags it accepted, or None
+        before the guest's INIT."""
+        m = re.search(r"INIT: .* accepted (0x[0-9a-f]+)", self.log_text())
+        return (m.group(0), int(m.group(1), 16)) if m else None
 
     def log_text(self) -> str:
         try:

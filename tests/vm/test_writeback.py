@@ -8,7 +8,6 @@ the first fails with EBADF and the second lands data at the host file's end.
 
 from __future__ import annotations
 
-import re
 
 from protocol import fuse
 from tests.vm.guest import run_guest
@@ -38,5 +37,5 @@ def test_writeback_cache_write_only_and_append(start_vfsd):
     assert f"guest {want}" in r.output and f"reread {want}" in r.output, r.explain()
     assert (daemon.shared_dir / "f").read_text() == want
     # the guest really took the writeback cache (INIT's accepted flags)
-    m = re.search(r"INIT: .* accepted (0x[0-9a-f]+)", daemon.log_text())
-    assert m and int(m.group(1), 16) & fuse.InitFlag.WRITEBACK_CACHE, daemon.log_text()[-3000:]
+    init = daemon.accepted_init()
+    assert init and init[1] & fuse.InitFlag.WRITEBACK_CACHE, daemon.log_text()[-3000:]

@@ -1122,11 +1122,16 @@ class PassthroughFs:
               kill_suidgid: bool = False, kill_caps: bool = False) -> int:
         self._check_writable()
         h = self._handle(fh)
+        ino = self._by_id.get(h.nodeid)
         if kill_suidgid or kill_caps:
-            self._kill_priv(ctx, self._inode(h.nodeid), kill_suidgid, kill_caps)
+            # (under KILLPRIV_V2 every write asks to drop capabilities; once
+            # they are known absent, that costs no call here)
+            if ino is None:
+                ino = self._inode(h.nodeid)  # EBADF, as without the fast path
+            if kill_suidgid or self._caps not in ino.xabsent:
+                self._kill_priv(ctx, ino, kill_suidgid, kill_caps)
         if not views:
             return 0
-        ino = self._by_id.get(h.nodeid)
         seen = ino.seen_ctime if ino is not None else None
         if seen is None:
             return os.pwritev(h.fd, views, offset)

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="accept security labels from the guest at file creation (implies --xattr)")
     G("--no-readdirplus", dest="readdirplus", action="store_false",
       help="do not offer READDIRPLUS (it is never offered with --cache=never)")
+    G("--no-readdirplus-readahead", dest="readdirplus_readahead", action="store_false",
+      help="make each READDIRPLUS reply when it is asked for, not the next one of a listing "
+           "while the guest reads the last (vfsd's own; see " + DOCS + ")")
     G("--writeback", action="store_true", help="let the guest use a writeback page cache")
     G("--allow-direct-io", action="store_true",
       help="honour O_DIRECT from guest applications (default: dropped)")
@@ -280,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> Config | None:
         socket_group=a.socket_group, tag=tag, thread_pool_size=a.thread_pool_size,
         log_level=log_level, syslog=a.syslog, cache=cache,
         timeout=getattr(a, "timeout", None), readonly=a.readonly, readdirplus=a.readdirplus,
+        readdirplus_readahead=a.readdirplus_readahead,
         writeback=a.writeback, xattr=xattr, posix_acl=posix_acl, xattrmap=xattrmap,
         security_label=a.security_label, killpriv_v2=a.killpriv_v2,
         announce_submounts=a.announce_submounts, allow_direct_io=a.allow_direct_io,

@@ -159,6 +159,7 @@ class Config:
     timeout: float | None = None         # legacy -o timeout=SECONDS; None: from --cache
     readonly: bool = False
     readdirplus: bool = True             # also off with cache=never, as in virtiofsd
+    readdirplus_readahead: bool = True   # vfsd's own (vfsd/readahead.py)
     writeback: bool = False
     # Guest xattrs and POSIX ACLs: off unless asked for (--xattr, --posix-acl), as in
     # virtiofsd.  These are the daemon's (command line) defaults; the library-level ones,

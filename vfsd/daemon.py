@@ -128,6 +128,7 @@ def session_options(config: Config) -> SessionOptions:
                           direct_io=config.cache == "never",
                           keep_cache=config.cache == "always",
                           readdirplus=config.effective_readdirplus,
+                          readdirplus_readahead=config.readdirplus_readahead,
                           writeback=config.writeback,
                           xattr=config.xattr, posix_acl=config.posix_acl and config.xattr,
                           security_label=config.security_label,

@@ -12,6 +12,7 @@ that escapes is a bug, logged with the opcode and unique id and answered EIO.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import struct
@@ -24,6 +25,7 @@ from protocol import fuse
 from protocol.buffers import BufferError_, Reader, Writer
 
 from .fsapi import NOW, Attr, Ctx, Entry, SetAttr, new_ctx
+from .readahead import ReaddirplusReadahead, Spoiled
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,27 @@ _DEBUG = logging.DEBUG
 # an INTERRUPT is answered through the request it interrupts).
 NO_REPLY = frozenset({fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.INTERRUPT})
 
+# Opcodes that change nothing a directory listing shows (names, attributes,
+# the guest's owner and mode); every other request moves the server's
+# change mark, which spoils a READDIRPLUS batch made ahead (vfsd.readahead).
+# OPEN truncates nothing: ATOMIC_O_TRUNC is not offered, so the guest sends a
+# SETATTR for O_TRUNC (and the filesystem drops the flag).  A READ may move the
+# host's atime (under relatime at most once a day, or after a write); a batch
+# made before it shows the atime of before, the one exception to the rule.
+_UNCHANGING = frozenset({
+    fuse.Opcode.LOOKUP, fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.GETATTR,
+    fuse.Opcode.READLINK, fuse.Opcode.OPEN, fuse.Opcode.READ, fuse.Opcode.STATFS,
+    fuse.Opcode.RELEASE, fuse.Opcode.FSYNC, fuse.Opcode.GETXATTR, fuse.Opcode.LISTXATTR,
+    fuse.Opcode.FLUSH, fuse.Opcode.OPENDIR, fuse.Opcode.READDIR, fuse.Opcode.RELEASEDIR,
+    fuse.Opcode.FSYNCDIR, fuse.Opcode.GETLK, fuse.Opcode.ACCESS, fuse.Opcode.INTERRUPT,
+    fuse.Opcode.READDIRPLUS, fuse.Opcode.LSEEK, fuse.Opcode.SYNCFS,
+})
+
+#: The longest a READDIRPLUS batch made ahead may wait for its request, and the
+#: part of the entry and attribute timeouts it may take at most (vfsd.readahead).
+READAHEAD_MAX_AGE = 0.05
+READAHEAD_TIMEOUT_SHARE = 0.1
+
 
 # The flag words as plain ints for tests made on every request: `int & IntFlag`
 # builds an enum member each time (about a microsecond in 3.11).
@@ -82,6 +105,9 @@ class SessionOptions:
     direct_io: bool = False  # cache=never: FOPEN_DIRECT_IO on every open
     keep_cache: bool = False  # cache=always: FOPEN_KEEP_CACHE / FOPEN_CACHE_DIR
     readdirplus: bool = True
+    # Make the next READDIRPLUS batch of a listing while the guest reads the
+    # last (vfsd.readahead); only with nonzero entry and attribute timeouts.
+    readdirplus_readahead: bool = True
     writeback: bool = False
     max_write: int = 1 << 20
     max_pages: int = 256
@@ -118,6 +144,16 @@ class FuseServer:
         self._dir_open_flags = self._open_flags(is_dir=True)
         self._entry_valid = _split_seconds(self.opts.entry_timeout)
         self._attr_valid = _split_seconds(self.opts.attr_timeout)
+        # Moved (to a value never used before) after every request that may
+        # change the share, before its reply: see _UNCHANGING.
+        self.change_mark = 0
+        self._change_marks = itertools.count(1)
+        max_age = min(READAHEAD_MAX_AGE, READAHEAD_TIMEOUT_SHARE * self.opts.entry_timeout,
+                      READAHEAD_TIMEOUT_SHARE * self.opts.attr_timeout)
+        self._readahead = (ReaddirplusReadahead(self._plus_batch, self._forget_nodes,
+                                                lambda: self.change_mark, max_age)
+                           if self.opts.readdirplus and self.opts.readdirplus_readahead
+                           and max_age > 0 else None)
         # LOOKUP of a name that is not there: fuse_entry_out with nodeid 0 is
         # ENOENT "but with valid timeout" (fs/fuse/dir.c, fuse_lookup_name), a
         # negative dentry the guest keeps as long as a positive one.
@@ -233,6 +269,8 @@ class FuseServer:
                             error = 0
                     except Exception as e:
                         error, n = self._error(e, opcode, h), 0
+                    if opcode not in _UNCHANGING:
+                        self.change_mark = next(self._change_marks)
                     _pack_out_header_into(writable[0], 0, OUT_HEADER + n, -error, unique)
                     return OUT_HEADER + n
         return self.handle(Reader(readable, None, readable_len), Writer(writable, writable_len))
@@ -262,6 +300,8 @@ class FuseServer:
             error = 0
         except Exception as e:
             body, error = b"", self._error(e, opcode, h)
+        if opcode not in _UNCHANGING:
+            self.change_mark = next(self._change_marks)
         if error:
             length = OUT_HEADER
         elif body.__class__ is int:  # data already placed in the writer
@@ -481,6 +521,7 @@ class FuseServer:
             # A rebooted guest starts a new session on the same device
             # without DESTROY: forget everything the old one held.
             log.info("INIT on a live session: resetting it")
+            self._end_listings()
             self.fs.destroy()
         with self._lock:
             self.flags = flags
@@ -522,6 +563,10 @@ class FuseServer:
             return {}
         return dict(kill_suidgid=ctx.uid != 0, kill_caps=True)
 
+    def _end_listings(self) -> None:
+        if self._readahead is not None:
+            self._readahead.drop_all()
+
     def _umask(self, umask: int) -> int:
         """The umask the filesystem must apply: only with DONT_MASK, else the
         guest kernel has applied it already."""
@@ -532,11 +577,13 @@ class FuseServer:
         with self._lock:
             was, self.initialized = self.initialized, False
         if was:
+            self._end_listings()
             self.fs.destroy()
 
     def _destroy(self, ctx, nodeid, reader, writer) -> bytes:
         with self._lock:
             self.initialized = False
+        self._end_listings()
         self.fs.destroy()
         log.info("DESTROY: session ended by the guest")
         return b""
@@ -739,6 +786,9 @@ class FuseServer:
 
     def _readdir(self, ctx, nodeid, reader, writer) -> bytes:
         a, room = self._read_in(reader, writer)
+        if self._readahead is not None:
+            # (READDIRPLUS_AUTO: the guest may go on with plain READDIR)
+            self._readahead.drop(a.fh)
         out = bytearray()
         hdr = fuse.fuse_dirent.size
         for d in self.fs.readdir(ctx, nodeid, a.fh, a.offset):
@@ -751,22 +801,36 @@ class FuseServer:
         return bytes(out)
 
     def _readdirplus(self, ctx, nodeid, reader, writer) -> bytes:
-        """Each record is fuse_entry_out + fuse_dirent + name, packed as one
-        fuse_direntplus; an entry is looked up only once it is known to fit (a
-        lookup counts for the guest's FORGET)."""
         a, room = self._read_in(reader, writer)
+        if self._readahead is None:
+            return self._plus_batch(ctx, nodeid, a.fh, a.offset, room, [])[0]
+        return self._readahead.reply(ctx, nodeid, a.fh, a.offset, room)
+
+    def _plus_batch(self, ctx, nodeid: int, fh: int, offset: int, room: int,
+                    nodes: list[int], mark: int | None = None) -> tuple[bytes, int | None]:
+        """A READDIRPLUS reply of at most `room` bytes from `offset` on, and the
+        offset after its last entry (None if the listing ended in it).
+
+        Each record is fuse_entry_out + fuse_dirent + name, packed as one
+        fuse_direntplus; an entry is looked up only once it is known to fit (a
+        lookup counts for the guest's FORGET), and the node id of each entry
+        looked up goes to `nodes` (for the readahead to drop them unsent).  With a
+        `mark` (made ahead), it stops as soon as the change mark moves from it."""
         out = bytearray()
         hdr = fuse.fuse_direntplus.size
         pack, lookup = fuse.fuse_direntplus.flat_pack, self.fs.lookup
-        attr_values = self._attr_values
+        attr_values, looked_up = self._attr_values, nodes.append
         (entry_valid, entry_nsec), (attr_valid, attr_nsec) = self._entry_valid, self._attr_valid
         # (fuse_entry_out's fields, as _entry packs them, are packed here: this
         # runs per entry, and each call on the way is a sizeable part of it)
-        for name, d_ino, d_type, d_off in self.fs.readdir(ctx, nodeid, a.fh, a.offset, plus=True):
+        for name, d_ino, d_type, d_off in self.fs.readdir(ctx, nodeid, fh, offset, plus=True):
             namelen = len(name)
             reclen = (hdr + namelen + 7) & ~7   # fuse.dirent_align, inlined
             if len(out) + reclen > room:
-                break  # the entry is not sent, so it is not looked up either
+                # the entry is not sent, so it is not looked up either
+                return bytes(out), offset if out else None
+            if mark is not None and self.change_mark != mark:
+                raise Spoiled
             entry = None
             if name != b"." and name != b"..":
                 try:
@@ -777,11 +841,18 @@ class FuseServer:
                 out += pack(*_NO_ENTRY, d_ino, d_off, namelen, d_type)
             else:
                 child, generation, attr = entry
+                looked_up(child)
                 out += pack(child, generation, entry_valid, attr_valid, entry_nsec, attr_nsec,
                             *attr_values(attr), d_ino, d_off, namelen, (attr.mode >> 12) & 0xF)
             out += name
             out += _PAD[reclen - hdr - namelen]
-        return bytes(out)
+            offset = d_off
+        return bytes(out), None
+
+    def _forget_nodes(self, nodes: list[int]) -> None:
+        """Take back the lookups of a READDIRPLUS batch that was not sent."""
+        for node in nodes:
+            self.fs.forget(node, 1)
 
     # ------------------------------------------------------------------
     # Extended attributes
@@ -850,6 +921,8 @@ class FuseServer:
 
     def _releasedir(self, ctx, nodeid, args) -> bytes:
         a = fuse.fuse_release_in.unpack_from(args)
+        if self._readahead is not None:
+            self._readahead.drop(a.fh)
         self.fs.releasedir(ctx, nodeid, a.fh)
         return b""
 

@@ -112,6 +112,7 @@ def test_equals_and_space_forms(opt, value, attr, expected):
 FLAG_OPTIONS = [
     ("--readonly", "readonly", True), ("--writeback", "writeback", True),
     ("--no-readdirplus", "readdirplus", False), ("--allow-direct-io", "allow_direct_io", True),
+    ("--no-readdirplus-readahead", "readdirplus_readahead", False),
     ("--allow-mmap", "allow_mmap", True), ("--no-killpriv-v2", "killpriv_v2", False),
     ("--no-announce-submounts", "announce_submounts", False),
     ("--security-label", "security_label", True), ("--syslog", "syslog", True),
@@ -413,7 +414,8 @@ def test_session_options_follow_the_config():
     assert not o.announce_submounts and o.allow_mmap and o.xattr and o.posix_acl
     o = daemon.session_options(parse("--cache=always", "--no-xattr"))
     assert o.keep_cache and o.entry_timeout == 86400 and o.readdirplus and o.killpriv_v2
-    assert not o.xattr and not o.posix_acl
+    assert not o.xattr and not o.posix_acl and o.readdirplus_readahead
+    assert not daemon.session_options(parse("--no-readdirplus-readahead")).readdirplus_readahead
     o = daemon.session_options(cli.parse_args(["--socket-path=/s", "-o", "source=/d,timeout=7"]))
     assert o.entry_timeout == o.attr_timeout == 7
 

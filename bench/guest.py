@@ -156,6 +156,10 @@ def bench_kernel() -> tuple[Kernel, str]:
 #: virtiofsd's `-d` ("unique: 5, opcode: LOOKUP (1), nodeid: 1, ...").
 REQUEST_LINE = {"vfsd": r"vfsd\.server: ([A-Z_0-9]+) unique=",
                 "virtiofsd": r"unique: \d+, opcode: ([A-Z_0-9]+) \("}
+# vfsd's READDIRPLUS batches made ahead (vfsd/readahead.py), used or dropped and why;
+# counted per phase as "ahead: used", "ahead: dropped: a change", ... (not requests)
+AHEAD_LINE = r"vfsd\.readahead: READDIRPLUS fh=\d+ offset=\d+: batch made ahead (used|dropped: .*)"
+AHEAD = "ahead: "
 
 
 def count_requests(log: str, script: str, daemon: str = "vfsd") -> tuple[dict, dict]:
@@ -163,8 +167,12 @@ def count_requests(log: str, script: str, daemon: str = "vfsd") -> tuple[dict, d
     every `mark` and `drop` in the script does one `sync` (a SYNCFS request), so the log is
     cut at the SYNCFS lines and the cuts are matched to the script's marks in order."""
     from collections import Counter
-    ops = [o for o in re.findall(REQUEST_LINE[daemon], log, re.M)
-           if o not in ("FORGET", "BATCH_FORGET")]   # (vfsd does not log them)
+    if daemon == "vfsd":
+        ops = [op or AHEAD + ahead for op, ahead in
+               re.findall(f"{REQUEST_LINE[daemon]}|{AHEAD_LINE}", log, re.M)]
+    else:
+        ops = re.findall(REQUEST_LINE[daemon], log, re.M)
+    ops = [o for o in ops if o not in ("FORGET", "BATCH_FORGET")]   # (vfsd does not log them)
     total = Counter(o for o in ops if o != "SYNCFS")
     steps = re.findall(r"^(?:mark (\S+)|(drop))$", script, re.M)
     steps = [m or "drop" for m, _ in steps]
@@ -502,18 +510,25 @@ def main(argv: list[str]) -> int:
             if r.get("profile"):
                 print(f"\n{b}: " + r["profile"])
             if r.get("requests"):
-                total = sum(r["requests"].values())
-                print(f"\nFUSE requests the workload sent to {b} ({total:,} in all, FORGETs "
-                      "not logged): " + ", ".join(f"{k} {v:,}"
-                                                  for k, v in r["requests"].items()))
+                reqs = {k: v for k, v in r["requests"].items() if not k.startswith(AHEAD)}
+                print(f"\nFUSE requests the workload sent to {b} ({sum(reqs.values()):,} in "
+                      "all, FORGETs not logged): " + ", ".join(f"{k} {v:,}"
+                                                              for k, v in reqs.items()))
+                ahead = {k[len(AHEAD):]: v for k, v in r["requests"].items() if k not in reqs}
                 rows = []
                 for ph, label in PHASES:
                     c = r.get("phase_requests", {}).get(ph)
                     if c is not None:
-                        rows.append([label.replace("N", str(nsmall)), sum(c.values()), ", ".join(
-                            f"{k} {v:,}" for k, v in list(c.items())[:6])])
+                        n = {k: v for k, v in c.items() if not k.startswith(AHEAD)}
+                        made = ", ".join(f"{k[len(AHEAD):]} {v:,}" for k, v in c.items()
+                                         if k not in n)
+                        rows.append([label.replace("N", str(nsmall)), sum(n.values()), ", ".join(
+                            f"{k} {v:,}" for k, v in list(n.items())[:6])]
+                                    + ([made] if ahead else []))
                 if rows:
-                    print(fmt_table(["phase", "requests", "most frequent"], rows, "lrl"))
+                    print(fmt_table(["phase", "requests", "most frequent"]
+                                    + (["READDIRPLUS batches made ahead"] if ahead else []),
+                                    rows, "lrl" + ("l" if ahead else "")))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
                                                 small=nsmall, big_mib=big, host_fs=a.host_fs,

@@ -293,7 +293,7 @@ def test_a_change_by_the_guest_shows_in_the_next_batch(tmp_path, layout):
     assert s.server._readahead._batches.get(fh) is None
 
 
-def test_no_readahead_without_timeouts(tmp_path):
+def test_no_readahead_without_timeouts():
     s = FuseServer(None, SessionOptions(entry_timeout=0.0, attr_timeout=0.0))
     assert s._readahead is None
     s = FuseServer(None, SessionOptions(readdirplus=False))

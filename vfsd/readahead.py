@@ -32,6 +32,7 @@ every switch of the GIL while the batch is being made.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -78,6 +79,10 @@ class ReaddirplusReadahead:
         self._batches: dict[int, _Batch] = {}  # by fh: at most one per handle
         self._last_mark: dict[int, int] = {}  # by fh: the mark after its last reply
         self._pool: ThreadPoolExecutor | None = None
+        # this session's figures, logged when it ends: replies made ahead, used, and
+        # dropped by reason
+        self.made = self.used = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
 
     def reply(self, ctx, nodeid: int, fh: int, offset: int, room: int) -> bytes:
         """The READDIRPLUS reply for (fh, offset, room): the batch made ahead if it fits
@@ -98,6 +103,7 @@ class ReaddirplusReadahead:
                 return
             batch = _Batch((nodeid, fh, offset, room), self._mark())
             self._batches[fh] = batch
+            self.made += 1
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="vfsd-readahead")
             pool = self._pool
@@ -138,6 +144,7 @@ class ReaddirplusReadahead:
             why = "too old"
         else:
             log.debug("READDIRPLUS fh=%d offset=%d: batch made ahead used", fh, offset)
+            self.used += 1
             return batch.reply, batch.next_offset
         self._drop(batch, why)
         return None
@@ -159,11 +166,19 @@ class ReaddirplusReadahead:
         for batch in batches:
             batch.done.wait()
             self._drop(batch, "the session ended")
+        if self.made:
+            log.info("READDIRPLUS readahead this session: %d replies made ahead, %d used, "
+                     "%d dropped (%s)", self.made, self.used, sum(self.dropped.values()),
+                     ", ".join(f"{why}: {n}" for why, n in self.dropped.most_common())
+                     or "none")
+        self.made = self.used = 0
+        self.dropped.clear()
 
     def _drop(self, batch: _Batch, why: str) -> None:
         # (the operator's view of how well readahead does: bench guest
         # --count-requests counts these lines per phase)
         log.debug("READDIRPLUS fh=%d offset=%d: batch made ahead dropped: %s", batch.request[1],
                   batch.request[2], why)
+        self.dropped[why] += 1
         if batch.nodes:
             self._forget(batch.nodes)

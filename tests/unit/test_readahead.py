@@ -5,6 +5,7 @@ server over the passthrough filesystem, where a batch made ahead must answer exa
 the request would have got, and leave no lookup behind when it is not sent.
 """
 
+import logging
 import stat
 import threading
 import time
@@ -71,6 +72,7 @@ def test_a_quiet_reader_gets_each_batch_made_ahead_on_a_thread_of_its_own():
     assert maker.calls == [(3, 0, False), (3, 2, False), (3, 4, True), (3, 6, True)]
     assert maker.threads[2].startswith("vfsd-readahead")
     assert forgotten == []  # the guest got every lookup made
+    assert (ra.made, ra.used, sum(ra.dropped.values())) == (2, 1, 0)
 
 
 def test_the_end_of_the_listing_is_not_read_ahead():
@@ -103,7 +105,7 @@ def test_a_change_spoils_the_batch_and_stops_readahead_until_the_reader_is_quiet
     marks.value = 1  # a request changed the share while the batch was being made
     gate.set()
     assert ra.reply(CTX, 7, 3, 4, 4096) == b"reply@4"
-    assert forgotten == [104, 105]
+    assert forgotten == [104, 105] and ra.dropped == {"a change": 1}
     assert made_ahead(ra, 3) is None  # not quiet: nothing made ahead
     assert ra.reply(CTX, 7, 3, 6, 4096) == b"reply@6"  # quiet again since the last reply
     assert made_ahead(ra, 3).request == (7, 3, 8, 4096)
@@ -150,6 +152,18 @@ def test_drop_and_drop_all_wait_for_the_batch_and_forget_it():
     ra.drop_all()
     assert forgotten == [104, 105, 104, 105]
     assert ra._batches == {} and ra._last_mark == {}
+    assert ra.made == ra.used == 0 and not ra.dropped  # the next session counts afresh
+
+
+def test_the_session_figures_are_logged_when_it_ends(caplog):
+    ra, _, marks = readahead(Maker())
+    for offset in (0, 2, 4):  # made ahead: the replies at 4 (used) and 6
+        ra.reply(CTX, 7, 3, offset, 4096)
+    marks.value = 1
+    ra.reply(CTX, 7, 3, 6, 4096)  # its batch is dropped
+    with caplog.at_level(logging.INFO, logger="vfsd.readahead"):
+        ra.drop_all()
+    assert "2 replies made ahead, 1 used, 1 dropped (a change: 1)" in caplog.text
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""`ls -ln` of one long directory in a TCG guest, timed in the guest to the microsecond.
+
+`bench guest` times its phases by /proc/uptime, in 10 ms steps, and its `ls -ln` phase is
+~0.15 s: too short for those steps and this machine's noise to tell 0.12 s from 0.16 s.
+Here each backend's guest boots once per round, and lists the same directory of N files
+(each with an ownership record) several times, after dropping its caches each time, with
+Python's perf_counter around each `ls -ln`.  The first listing of a boot is left out of the
+figures: it is the daemon's first meeting with every record (later ones find the records it
+kept of the nodes the guest forgot).  Rounds alternate the backends.
+
+    python3 -m bench listing [--backends vfsd,vfsd:--no-readdirplus-readahead,virtiofsd]
+                             [--files 2000] [--rounds 3] [--lists 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+
+from vfsd import ownership
+
+from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note)
+
+GUEST = r"""
+import subprocess, time
+for i in range(@LISTS@):
+    subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
+    t = time.perf_counter()
+    subprocess.run("ls -ln /mnt/d > /dev/null", shell=True, check=True)
+    print("LIST %.6f" % (time.perf_counter() - t))
+"""
+
+
+def make_share(share, files: int) -> None:
+    d = share / "d"
+    d.mkdir(parents=True)
+    record = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
+    for i in range(files):
+        p = d / f"f{i}"
+        p.write_bytes(b"x\n")
+        os.setxattr(p, "user.o", record)
+
+
+def one_boot(backend: str, workdir, files: int, lists: int) -> list[float]:
+    from tests.vm.guest import run_guest
+    base, _, extra = backend.partition(":")
+    share = workdir / "share"
+    if share.exists():
+        shutil.rmtree(share)
+    make_share(share, files)
+    script = GUEST.replace("@LISTS@", str(lists))
+    if base == "virtiofsd":
+        ctx = CVirtiofsd(workdir, share, shlex.split(extra))
+    else:
+        ctx = BenchDaemon(workdir, share, shlex.split(extra))
+    with ctx as d:
+        sock = d.socket_path if base == "virtiofsd" else d.d.socket_path
+        r = run_guest("python3 /t.py", socket_path=sock, python=True, timeout=600,
+                      files={"t.py": script})
+    times = [float(line.split()[1]) for line in r.output.splitlines()
+             if line.startswith("LIST ")]
+    if r.status != 0 or len(times) != lists:
+        raise RuntimeError(f"{backend}: the guest failed:\n{r.explain()}")
+    if base == "vfsd":  # what the readahead did (vfsd logs it when the session ends)
+        for line in ctx.d.log_text().splitlines():
+            if "READDIRPLUS readahead this session" in line:
+                note(f"listing: {backend}: {line.split(': ', 1)[1]}")
+    return times[1:]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench listing", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="vfsd,vfsd:--no-readdirplus-readahead,virtiofsd",
+                   help="comma-separated: vfsd, vfsd:OPTIONS, virtiofsd, virtiofsd:OPTIONS")
+    p.add_argument("--files", type=int, default=2000, help="files in the directory (2000)")
+    p.add_argument("--rounds", type=int, default=3, help="boots per backend (3)")
+    p.add_argument("--lists", type=int, default=7,
+                   help="listings per boot, the first left out (7)")
+    a = p.parse_args(argv)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    for b in backends:
+        if b.partition(":")[0] not in ("vfsd", "virtiofsd"):
+            p.error(f"unknown backend {b!r}")
+    if any(b.startswith("virtiofsd") for b in backends) and (
+            os.geteuid() != 0 or not os.access(VIRTIOFSD, os.X_OK)):
+        note("listing: the C virtiofsd needs root and " + VIRTIOFSD + "; skipped")
+        backends = [b for b in backends if not b.startswith("virtiofsd")]
+    if a.lists < 2:
+        p.error("--lists must be at least 2 (the first is left out)")
+    workdir = make_workdir()
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    try:
+        for rnd in range(a.rounds):
+            for b in backends if rnd % 2 == 0 else reversed(backends):
+                t = one_boot(b, workdir, a.files, a.lists)
+                times[b] += t
+                note(f"listing: {b} (round {rnd + 1}/{a.rounds}): "
+                     + " ".join(f"{x:.3f}" for x in t))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ref = next((b for b in backends if b == "virtiofsd"), None)
+    rows = []
+    for b in backends:
+        med = statistics.median(times[b])
+        row = [b, f"{med:.3f}", f"{min(times[b]):.3f}", f"{1e6 * med / a.files:.0f}"]
+        if ref:
+            row.append(f"{med / statistics.median(times[ref]):.2f}x")
+        rows.append(row)
+    print(f"ls -ln of {a.files} files in a TCG guest, caches dropped before each; "
+          f"{a.rounds} boots x {a.lists - 1} listings per backend")
+    print(fmt_table(["backend", "median s", "min s", "µs per entry"]
+                    + ([f"median / {ref}"] if ref else []), rows))
+    return 0

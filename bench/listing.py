@@ -1,4 +1,5 @@
-"""`ls -ln` of one long directory in a TCG guest, timed in the guest to the microsecond.
+"""`ls -ln` of one long directory in a TCG guest, timed in the guest to the microsecond (or,
+with `--stat`, an lstat of each of its files by name: a LOOKUP each).
 
 `bench guest` times its phases by /proc/uptime, in 10 ms steps, and its `ls -ln` phase is
 ~0.15 s: too short for those steps and this machine's noise to tell 0.12 s from 0.16 s.
@@ -9,7 +10,7 @@ figures: it is the daemon's first meeting with every record (later ones find the
 kept of the nodes the guest forgot).  Rounds alternate the backends.
 
     python3 -m bench listing [--backends vfsd,vfsd:--no-readdirplus-readahead,virtiofsd]
-                             [--files 2000] [--rounds 3] [--lists 7]
+                             [--files 2000] [--rounds 3] [--lists 7] [--stat]
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ from vfsd import ownership
 from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note)
 
 GUEST = r"""
-import subprocess, time
+import os, subprocess, time
+names = ["/mnt/d/f%d" % i for i in range(@FILES@)]
 for i in range(@LISTS@):
     subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
     t = time.perf_counter()
-    subprocess.run("ls -ln /mnt/d > /dev/null", shell=True, check=True)
+    if @STAT@:
+        for name in names:
+            os.lstat(name)
+    else:
+        subprocess.run("ls -ln /mnt/d > /dev/null", shell=True, check=True)
     print("LIST %.6f" % (time.perf_counter() - t))
 """
 
@@ -44,14 +50,15 @@ def make_share(share, files: int) -> None:
         os.setxattr(p, "user.o", record)
 
 
-def one_boot(backend: str, workdir, files: int, lists: int) -> list[float]:
+def one_boot(backend: str, workdir, files: int, lists: int, stat: bool = False) -> list[float]:
     from tests.vm.guest import run_guest
     base, _, extra = backend.partition(":")
     share = workdir / "share"
     if share.exists():
         shutil.rmtree(share)
     make_share(share, files)
-    script = GUEST.replace("@LISTS@", str(lists))
+    script = GUEST.replace("@LISTS@", str(lists)).replace("@FILES@", str(files)).replace(
+        "@STAT@", str(stat))
     if base == "virtiofsd":
         ctx = CVirtiofsd(workdir, share, shlex.split(extra))
     else:
@@ -80,6 +87,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=3, help="boots per backend (3)")
     p.add_argument("--lists", type=int, default=7,
                    help="listings per boot, the first left out (7)")
+    p.add_argument("--stat", action="store_true",
+                   help="instead of ls -ln, lstat each file by name (a LOOKUP each)")
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     for b in backends:
@@ -96,7 +105,7 @@ def main(argv: list[str]) -> int:
     try:
         for rnd in range(a.rounds):
             for b in backends if rnd % 2 == 0 else reversed(backends):
-                t = one_boot(b, workdir, a.files, a.lists)
+                t = one_boot(b, workdir, a.files, a.lists, a.stat)
                 times[b] += t
                 note(f"listing: {b} (round {rnd + 1}/{a.rounds}): "
                      + " ".join(f"{x:.3f}" for x in t))
@@ -110,7 +119,8 @@ def main(argv: list[str]) -> int:
         if ref:
             row.append(f"{med / statistics.median(times[ref]):.2f}x")
         rows.append(row)
-    print(f"ls -ln of {a.files} files in a TCG guest, caches dropped before each; "
+    what = "lstat of each" if a.stat else "ls -ln"
+    print(f"{what} of {a.files} files in a TCG guest, caches dropped before each; "
           f"{a.rounds} boots x {a.lists - 1} listings per backend")
     print(fmt_table(["backend", "median s", "min s", "µs per entry"]
                     + ([f"median / {ref}"] if ref else []), rows))

@@ -155,7 +155,6 @@ class ReaddirplusReadahead:
             batch = self._batches.pop(fh, None)
             self._last_mark.pop(fh, None)  # the number may name another handle next
         if batch is not None:
-            batch.done.wait()
             self._drop(batch, "the listing ended")
 
     def drop_all(self) -> None:
@@ -164,7 +163,6 @@ class ReaddirplusReadahead:
             batches, self._batches = list(self._batches.values()), {}
             self._last_mark.clear()
         for batch in batches:
-            batch.done.wait()
             self._drop(batch, "the session ended")
         if self.made:
             log.info("READDIRPLUS readahead this session: %d replies made ahead, %d used, "
@@ -175,6 +173,7 @@ class ReaddirplusReadahead:
         self.dropped.clear()
 
     def _drop(self, batch: _Batch, why: str) -> None:
+        batch.done.wait()  # (a batch still being made may look up more)
         # (the operator's view of how well readahead does: bench guest
         # --count-requests counts these lines per phase)
         log.debug("READDIRPLUS fh=%d offset=%d: batch made ahead dropped: %s", batch.request[1],

@@ -7,6 +7,8 @@
     python3 -m bench components      (per-request costs of vfsd's pieces, in process)
     python3 -m bench instructions [--compare REV]   (the same, counted by valgrind: no noise)
     python3 -m bench listing [--backends ...] (ls -ln of a long directory, timed in the guest)
+    python3 -m bench paired [--backends vfsd,virtiofsd] [--rounds 4]  (both in one guest,
+                                                          phase by phase)
 
 `--wait-idle SECONDS` (any benchmark) first waits up to that long for the machine to be idle
 (1-minute load average under 0.6, no other QEMU or vfsd running); the load is printed either
@@ -67,6 +69,8 @@ def main(argv: list[str]) -> int:
         from .instructions import main as m
     elif cmd == "listing":
         from .listing import main as m
+    elif cmd == "paired":
+        from .paired import main as m
     else:
         print(f"unknown benchmark {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
         return 2

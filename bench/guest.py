@@ -71,8 +71,8 @@ SIZES = {  # small files, tarball files, tarball bytes, big file MiB
     "quick": (500, 500, 5 << 20, 32),
 }
 
-SCRIPT = r"""
-W=/mnt/vfsd-bench
+# The shell functions every workload script starts with (busybox sh in the guest).
+PRELUDE = r"""
 # The phase clock: CLOCK_MONOTONIC in ns from /proc/timer_list's "now at N nsecs" (its third
 # line; ~0.25 ms a reading in a TCG guest, the same for every backend), else /proc/uptime's
 # 10 ms steps.  A shell builtin either way: a fork per mark would cost more than a phase.
@@ -84,53 +84,48 @@ fi
 mark() { clock; echo "@T $1 $t"; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 fail() { echo "@FAIL $*"; exit 1; }
-@MOUNT@
-grep -E ' /mnt ' /proc/mounts | sed 's/^/@MOUNTINFO /'
-rm -rf $W; mkdir $W || fail mkdir; cd $W || fail cd
-mkdir small || fail mkdir small
-mark create
-i=0; while [ $i -lt @N@ ]; do echo x > small/f$i || fail create $i; i=$((i+1)); done
-mark create.end
-drop
-mark stat
-i=0; while [ $i -lt @N@ ]; do [ -f small/f$i ] || fail stat $i; i=$((i+1)); done
-mark stat.end
-drop
-mark ls
-ls -ln small > /dev/null || fail ls
-mark ls.end
-mark rm_small
-rm -r small || fail rm small
-mark rm_small.end
-mark untar
-tar xf /bench/src.tar || fail untar
-mark untar.end
-drop
-mark readback
-n=$(find src -type f | xargs cat | wc -c)
-mark readback.end
-[ "$n" = "@BYTES@" ] || fail readback read $n bytes, expected @BYTES@
-set -- $(ls -ln @SAMPLE@); [ "$3:$4" = "@OWNER@" ] || fail untar owner $3:$4
-mark chown
-chown -R 1234:5678 src || fail chown
-chmod -R o-rwx src || fail chmod
-mark chown.end
-set -- $(ls -ln @SAMPLE@); [ "$3:$4" = 1234:5678 ] || fail chown result $1 $3:$4
-mark rm_tree
-rm -r src || fail rm tree
-mark rm_tree.end
-mark write
-dd if=/dev/zero of=big bs=1M count=@BIG@ 2>/dev/null || fail write
-mark write.end
-drop
-mark read
-dd if=big of=/dev/null bs=1M 2>/dev/null || fail read
-mark read.end
-set -- $(ls -ln big); [ "$5" = "$((@BIG@ * 1048576))" ] || fail big size $5
-rm -f big
-cd /
-echo "@DONE"
 """
+
+# The workload, phase by phase (in the working directory): the phase, whether the guest's
+# caches are dropped first, what runs before its clock starts, what is timed, and the checks
+# after its clock stops.  `bench guest` runs it once per boot, `bench paired` on two mounts
+# of one boot, phase by phase.
+STEPS = [
+    ("create", False, "mkdir small || fail mkdir small",
+     "i=0; while [ $i -lt @N@ ]; do echo x > small/f$i || fail create $i; i=$((i+1)); done",
+     ""),
+    ("stat", True, "",
+     "i=0; while [ $i -lt @N@ ]; do [ -f small/f$i ] || fail stat $i; i=$((i+1)); done", ""),
+    ("ls", True, "", "ls -ln small > /dev/null || fail ls", ""),
+    ("rm_small", False, "", "rm -r small || fail rm small", ""),
+    ("untar", False, "", "tar xf /bench/src.tar || fail untar", ""),
+    ("readback", True, "", "n=$(find src -type f | xargs cat | wc -c)",
+     '[ "$n" = "@BYTES@" ] || fail readback read $n bytes, expected @BYTES@\n'
+     'set -- $(ls -ln @SAMPLE@); [ "$3:$4" = "@OWNER@" ] || fail untar owner $3:$4'),
+    ("chown", False, "", "chown -R 1234:5678 src || fail chown\nchmod -R o-rwx src || fail chmod",
+     'set -- $(ls -ln @SAMPLE@); [ "$3:$4" = 1234:5678 ] || fail chown result $1 $3:$4'),
+    ("rm_tree", False, "", "rm -r src || fail rm tree", ""),
+    ("write", False, "", "dd if=/dev/zero of=big bs=1M count=@BIG@ 2>/dev/null || fail write",
+     ""),
+    ("read", True, "", "dd if=big of=/dev/null bs=1M 2>/dev/null || fail read",
+     'set -- $(ls -ln big); [ "$5" = "$((@BIG@ * 1048576))" ] || fail big size $5\nrm -f big'),
+]
+assert [s[0] for s in STEPS] == [p for p, _ in PHASES]
+
+
+def step_lines(step: tuple, suffix: str = "", settle: str = "") -> list[str]:
+    """One phase of the workload as script lines; its marks are named phase+suffix, and
+    `settle` runs just before its clock starts (after any drop)."""
+    name, drop, before, body, after = step
+    return [x for x in (before, "drop" if drop else "", settle, f"mark {name}{suffix}", body,
+                        f"mark {name}{suffix}.end", after) if x]
+
+
+SCRIPT = (PRELUDE + "W=/mnt/vfsd-bench\n@MOUNT@\n"
+          "grep -E ' /mnt ' /proc/mounts | sed 's/^/@MOUNTINFO /'\n"
+          "rm -rf $W; mkdir $W || fail mkdir; cd $W || fail cd\n"
+          + "\n".join(line for step in STEPS for line in step_lines(step))
+          + '\ncd /\necho "@DONE"\n')
 
 MOUNTS = {
     "vfsd": "",          # /init mounts the virtio-fs tag at /mnt

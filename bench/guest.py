@@ -222,14 +222,15 @@ def profile_report(prof: Path, top: int) -> str:
         "Self time by kind of work:", fmt_table(["kind", "µs/req", "% of busy"], r["cats"])])
 
 
-def parse_marks(output: str) -> dict[str, float]:
+def parse_marks(output: str, suffix: str = "") -> dict[str, float]:
     """Seconds per phase from the script's marks: "@T NAME 12345ns" (/proc/timer_list) or
-    "@T NAME 12.34" (/proc/uptime, where the guest has no timer_list)."""
+    "@T NAME 12.34" (/proc/uptime, where the guest has no timer_list); NAME is the phase
+    and `suffix` (see step_lines), then ".end" for the mark that stops its clock."""
     t = {}
     for m in re.finditer(r"^@T (\S+) ([0-9.]+)(ns)?$", output, re.M):
         t[m.group(1)] = int(m.group(2)) / 1e9 if m.group(3) else float(m.group(2))
-    return {p: round(t[p + ".end"] - t[p], 4) for p, _ in PHASES
-            if p in t and p + ".end" in t}
+    return {p: round(t[p + suffix + ".end"] - t[p + suffix], 4) for p, _ in PHASES
+            if p + suffix in t and p + suffix + ".end" in t}
 
 
 class SessionCpu:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -39,7 +38,7 @@ from tests.vm.guest import GuestFile, run_guest
 from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
                      source_at, steal_seconds)
 from .guest import (PHASES, PRELUDE, SIZES, STEPS, SessionCpu, _seconds, bench_kernel,
-                    step_lines)
+                    parse_marks, step_lines)
 from .tarball import make_tarball
 
 SECOND_TAG = "bench2"
@@ -61,16 +60,6 @@ def paired_script(order: list[int], settle: float) -> str:
             lines += step_lines(step, f"#{i}", settle_line)
     lines += ["cd /", 'echo "@DONE"']
     return "\n".join(lines) + "\n"
-
-
-def parse_paired(output: str) -> list[dict[str, float]]:
-    """Seconds per phase for mount 0 and mount 1, from marks "@T PHASE#I 123ns"."""
-    t: dict[tuple[str, int], float] = {}
-    for m in re.finditer(r"^@T (\S+)#(\d)(\.end)? ([0-9.]+)(ns)?$", output, re.M):
-        v = int(m.group(4)) / 1e9 if m.group(5) else float(m.group(4))
-        t[(m.group(1) + (m.group(3) or ""), int(m.group(2)))] = v
-    return [{p: round(t[(p + ".end", i)] - t[(p, i)], 4) for p, _ in PHASES
-             if (p, i) in t and (p + ".end", i) in t} for i in range(2)]
 
 
 def _daemon(backend: str, workdir: Path, share: Path, sources: dict):
@@ -120,7 +109,7 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
     ok = r.status == 0 and "@DONE" in r.output
     if not ok:
         note(f"paired: round {rnd + 1} FAILED\n{r.explain()[-6000:]}")
-    phases = parse_paired(r.output)
+    phases = [parse_marks(r.output, f"#{i}") for i in range(2)]
     return {"ok": ok, "wall": round(wall, 1), "steal": round(steal, 2),
             "attach": attach, "order": [attach[i] for i in order],
             "runs": {b: dict(phases=phases[i], **cpu[b]) for i, b in enumerate(attach)}}

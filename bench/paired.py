@@ -75,7 +75,7 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
     """One guest with both daemons; returns each backend's phases and CPU."""
     # Which daemon's device is the first (mounted by /init at /mnt) alternates by round.
     attach = backends if rnd % 2 == 0 else backends[::-1]
-    daemons, ctxs = {}, []
+    daemons = {}   # started, in attach order
     try:
         for i, b in enumerate(attach):
             wd = workdir / f"b{i}"
@@ -86,9 +86,7 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
             os.chmod(wd, 0o755)
             os.chmod(share, 0o755)
             d = _daemon(b, wd, share, sources)
-            d.__enter__()
-            ctxs.append(d)
-            daemons[b] = d
+            daemons[b] = d.__enter__()
         mons = {b: SessionCpu(d.pid) for b, d in daemons.items()}
         second = str(daemons[attach[1]].socket_path).replace(",", ",,")
         # Which mount the first phase runs on: over four rounds each daemon goes first in
@@ -104,7 +102,7 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
         wall, steal = time.monotonic() - t0, steal_seconds() - steal0
         cpu = {b: m.stop() for b, m in mons.items()}
     finally:
-        for d in reversed(ctxs):
+        for d in reversed(list(daemons.values())):
             d.__exit__(None, None, None)
     ok = r.status == 0 and "@DONE" in r.output
     if not ok:

@@ -170,6 +170,18 @@ class BenchDaemon:
         return self.d.log_tail(n)
 
 
+def backend_daemon(backend: str, workdir: Path, share: Path, sources: dict | None = None):
+    """The daemon (not started) for a backend spec: "virtiofsd[:OPTIONS]" is the C
+    virtiofsd, "vfsd[@REV][:OPTIONS]" vfsd (its code at REV from `sources`, see source_at)."""
+    import shlex
+    name, _, extra = backend.partition(":")
+    base, _, rev = name.partition("@")
+    if base == "virtiofsd":
+        return CVirtiofsd(workdir, share, shlex.split(extra))
+    return BenchDaemon(workdir, share, shlex.split(extra),
+                       source_root=(sources or {}).get(rev))
+
+
 class CVirtiofsd:
     """The C virtiofsd serving `share` on `workdir/virtiofsd.sock` (as root, its defaults but
     `-o cache=auto`, as vfsd's): the reference the benchmarks compare with.  It serves from a

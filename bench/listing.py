@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 
 from vfsd import ownership
 
-from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note)
+from .common import VIRTIOFSD, backend_daemon, fmt_table, make_workdir, note
 
 GUEST = r"""
 import os, subprocess, time
@@ -52,20 +51,16 @@ def make_share(share, files: int) -> None:
 
 def one_boot(backend: str, workdir, files: int, lists: int, stat: bool = False) -> list[float]:
     from tests.vm.guest import run_guest
-    base, _, extra = backend.partition(":")
+    base = backend.partition(":")[0]
     share = workdir / "share"
     if share.exists():
         shutil.rmtree(share)
     make_share(share, files)
     script = GUEST.replace("@LISTS@", str(lists)).replace("@FILES@", str(files)).replace(
         "@STAT@", str(stat))
-    if base == "virtiofsd":
-        ctx = CVirtiofsd(workdir, share, shlex.split(extra))
-    else:
-        ctx = BenchDaemon(workdir, share, shlex.split(extra))
+    ctx = backend_daemon(backend, workdir, share)
     with ctx as d:
-        sock = d.socket_path if base == "virtiofsd" else d.d.socket_path
-        r = run_guest("python3 /t.py", socket_path=sock, python=True, timeout=600,
+        r = run_guest("python3 /t.py", socket_path=d.socket_path, python=True, timeout=600,
                       files={"t.py": script})
     times = [float(line.split()[1]) for line in r.output.splitlines()
              if line.startswith("LIST ")]

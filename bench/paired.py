@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import statistics
 import time
@@ -35,8 +34,8 @@ from pathlib import Path
 
 from tests.vm.guest import GuestFile, run_guest
 
-from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
-                     source_at, steal_seconds)
+from .common import (VIRTIOFSD, backend_daemon, fmt_table, make_workdir, note, source_at,
+                     steal_seconds)
 from .guest import (PHASES, PRELUDE, SIZES, STEPS, SessionCpu, _seconds, bench_kernel,
                     parse_marks, step_lines)
 from .tarball import make_tarball
@@ -62,14 +61,6 @@ def paired_script(order: list[int], settle: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _daemon(backend: str, workdir: Path, share: Path, sources: dict):
-    name, _, extra = backend.partition(":")
-    base, _, rev = name.partition("@")
-    if base == "virtiofsd":
-        return CVirtiofsd(workdir, share, shlex.split(extra))
-    return BenchDaemon(workdir, share, shlex.split(extra), source_root=sources.get(rev))
-
-
 def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, workdir: Path,
              sources: dict, timeout: float) -> dict:
     """One guest with both daemons; returns each backend's phases and CPU."""
@@ -85,7 +76,7 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
             share.mkdir(parents=True)
             os.chmod(wd, 0o755)
             os.chmod(share, 0o755)
-            d = _daemon(b, wd, share, sources)
+            d = backend_daemon(b, wd, share, sources)
             daemons[b] = d.__enter__()
         mons = {b: SessionCpu(d.pid) for b, d in daemons.items()}
         second = str(daemons[attach[1]].socket_path).replace(",", ",,")

@@ -219,6 +219,14 @@ MEMORY_TABLE_MAX_SIZE = MEMORY_HEADER.size + MAX_MEM_TABLE_REGIONS * MEMORY_REGI
 
 _EVENTFD_ONE = struct.pack("=Q", 1)
 
+#: A coalesced ring's held notification (`VhostUserDevice.coalesced_queues`) is
+#: sent at most this many seconds after the first chain it covers was pushed...
+COALESCE_SECONDS = 0.02
+#: ... or as soon as this fraction of the ring is used but not yet notified, so
+#: the driver, which reclaims descriptors on the notification, keeps at least
+#: three quarters of its ring free.
+COALESCE_RING_FRACTION = 4
+
 #: Requests whose reply is mandatory ("Communication" in the spec, plus those
 #: defined with a reply payload).  NEED_REPLY on them changes nothing.
 _REPLYING = frozenset({
@@ -256,6 +264,18 @@ class VhostUserDevice(abc.ABC):
     #: worker thread serves all the rings (`_SharedWorker`).  Read at the start
     #: of each batch of chains; change it only while the device is not running.
     completes_async: bool = True
+    #: Queues whose used-buffer notifications may be held back and sent for
+    #: several chains at once.  2.7.7.2: without EVENT_IDX the device "SHOULD"
+    #: notify after writing the used ring, but nothing says how soon; each
+    #: notification costs the driver an interrupt.  Only for a queue whose
+    #: chains the driver does not wait on (virtio-fs's hiprio queue: FORGETs,
+    #: which have no reply): the held notification only delays the driver's
+    #: reclaiming of descriptors, by at most `COALESCE_SECONDS`, and never
+    #: lets the ring run more than a `COALESCE_RING_FRACTION`th short.  Applies
+    #: to the chains answered inline (`handle_chain` returning a length) and
+    #: to completions during the worker's batch; a `Vring.complete` from
+    #: another thread notifies at once.
+    coalesced_queues: frozenset[int] = frozenset()
 
     @abc.abstractmethod
     def handle_chain(self, vring: "Vring", chain: DescriptorChain) -> int | None:
@@ -352,6 +372,12 @@ class Vring:
         self._stopping = False
         self._batching = False
         self._notify_pending = False
+        # Notification coalescing (device.coalesced_queues): the most used
+        # elements a held notification may cover (0: not coalesced), how many
+        # it covers now, and since when (the worker sends it when due).
+        self._coalesce_max = 0
+        self._held = 0
+        self._held_since = 0.0
 
     def __repr__(self) -> str:
         return (f"<Vring {self.index} size={self.size} started={self.started} "
@@ -394,12 +420,36 @@ class Vring:
                     if self._batching:
                         self._notify_pending = True   # once, at the end of the batch
                     else:
+                        # Not the worker's: only the worker sends held
+                        # notifications, so this one goes now, for them too.
+                        self._held = 0
                         self._signal_locked(self.call_fd, "call")
             finally:
                 if not self._inflight:
                     self._idle.notify_all()
 
     # -- internals (lock held) -----------------------------------------------------
+    def _notify_locked(self, pushed: int) -> None:
+        """The used-buffer notification for `pushed` new used elements: sent
+        now, or held if the ring is coalesced and the held ones are few
+        enough (the worker then sends it when due: `_flush_held`)."""
+        if self._coalesce_max:
+            held = self._held + pushed
+            if held < self._coalesce_max:
+                if not self._held:
+                    self._held_since = time.monotonic()
+                self._held = held
+                return
+            self._held = 0
+        self._signal_locked(self.call_fd, "call")
+
+    def _flush_held(self) -> None:
+        """Send the held notification, if any (the worker, when it is due; a stop)."""
+        with self._lock:
+            if self._held:
+                self._held = 0
+                self._signal_locked(self.call_fd, "call")
+
     def _signal_locked(self, fd: int | None, what: str) -> None:
         if fd is None:
             return
@@ -454,6 +504,7 @@ class Vring:
             return
         handle, pop, push = device.handle_chain, vq.pop, vq.push
         pushed = False
+        first = vq.used_idx
         try:
             while self.enabled and not self._stopping and not self.broken:
                 try:
@@ -483,7 +534,10 @@ class Vring:
                 # 2.7.7 "Used Buffer Notification", once for the batch: the driver
                 # sees every element pushed so far (see Virtqueue.needs_notify).
                 with self._lock:
-                    self._signal_locked(self.call_fd, "call")
+                    if self._coalesce_max:
+                        self._notify_locked((vq.used_idx - first) & 0xFFFF)
+                    else:
+                        self._signal_locked(self.call_fd, "call")
 
     def _drain_async(self, vq: Virtqueue, device: VhostUserDevice) -> None:
         """`_drain` for a device that may complete chains later, from any thread.
@@ -495,6 +549,7 @@ class Vring:
         """
         with self._lock:
             self._batching = True
+            first = vq.used_idx
         try:
             while self.enabled and not self._stopping and not self.broken:
                 try:
@@ -520,7 +575,7 @@ class Vring:
                 self._batching = False
                 if self._notify_pending:
                     self._notify_pending = False
-                    self._signal_locked(self.call_fd, "call")
+                    self._notify_locked((vq.used_idx - first) & 0xFFFF)
 
     def _checked_written(self, chain: DescriptorChain, written, inline: bool = False) -> int:
         """`written` made a valid used length for `chain` (0..writable_len), logged if not.
@@ -576,6 +631,9 @@ class Vring:
                   self.size, vq.last_avail_idx, vq.used_idx,
                   "enabled" if self.enabled else "disabled")
         self._kick_failed = False
+        self._coalesce_max = (max(1, self.size // COALESCE_RING_FRACTION)
+                              if self.index in getattr(self._backend.device,
+                                                       "coalesced_queues", ()) else 0)
         self._shared = self._backend._shared_worker
         self._shared.add(self)
 
@@ -588,6 +646,7 @@ class Vring:
             return
         shared.remove(self)   # returns once the worker has let go of the ring
         self._shared = None
+        self._flush_held()    # the worker will not send it now
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._inflight:
@@ -653,6 +712,10 @@ class _SharedWorker:
     `add` starts a new one; both are decided under `_lock`, so a ring added
     while the last one is being removed is never left without a thread, and
     none is left once every ring has stopped (disconnect, reset).
+
+    It also sends the notifications that the drains of a coalesced ring held
+    back (`VhostUserDevice.coalesced_queues`), when they are due: its wait for
+    kicks ends then at the latest.
 
     A drain is not cut short by another ring's kick: it ends when its ring is
     empty.  A driver that reclaims buffers on the used-buffer notification
@@ -756,6 +819,7 @@ class _SharedWorker:
         kick_events = epollin | select.EPOLLET
         changed = True
         poller: select.epoll | None = None
+        held: list[Vring] = []   # rings whose drain held a notification back
         try:
             while True:
                 if changed:
@@ -786,9 +850,16 @@ class _SharedWorker:
                     # Buffers may have been queued before a ring started, while it
                     # was disabled, or behind a drain cut short by `remove`.
                     ready = [v for v in serving if not v._kick_failed]
+                    # (A ring taken out sent its held notification: Vring._stop.)
+                    held = [v for v in held if v in serving]
                 else:
+                    wait = timeout
+                    if held:   # wake when the oldest held notification is due
+                        due = max(0.0, min(v._held_since for v in held) + COALESCE_SECONDS
+                                  - time.monotonic())
+                        wait = due if wait < 0 else min(wait, due)
                     ready = []
-                    for fd, ev in poll(timeout):
+                    for fd, ev in poll(wait):
                         if fd == ctl:
                             changed = True
                         elif ev & epollin:
@@ -799,6 +870,8 @@ class _SharedWorker:
                                       "stopping the ring", v.index, ev)
                             poller.unregister(fd)
                             v._kick_failed = True  # started but unserved until stopped
+                    if held:
+                        _flush_due(held)
                     if changed:
                         continue  # take the change first; then every ring is drained
                     if unkicked:
@@ -811,6 +884,8 @@ class _SharedWorker:
                     except Exception:  # one ring's failure is not the others'
                         log.exception("queue %d: worker failed", v.index)
                         v._mark_broken("internal error in the ring worker")
+                    if v._held and v not in held:
+                        held.append(v)
         except Exception:  # never let the worker die silently
             log.exception("ring worker failed")
             with self._lock:
@@ -824,6 +899,16 @@ class _SharedWorker:
 
 def _ring_index(vring: Vring) -> int:
     return vring.index
+
+
+def _flush_due(held: list[Vring]) -> None:
+    """Send the held notifications that are due; keep in `held` the rings still holding one."""
+    now = time.monotonic()
+    for v in list(held):
+        if v._held and now >= v._held_since + COALESCE_SECONDS:
+            v._flush_held()
+        if not v._held:
+            held.remove(v)
 
 
 # ---------------------------------------------------------------------------

@@ -48,6 +48,12 @@ class VirtioFsDevice(VhostUserDevice):
     """vhost-user-fs: hands every chain to the FUSE server, inline or on a pool."""
 
     device_features = 0  # virtio-fs defines no feature bits of its own (5.11.3)
+    # The hiprio queue's chains are FORGETs (and INTERRUPTs): nothing in the
+    # guest waits for them.  Linux's virtio-fs takes the notification only to
+    # free the forget requests (virtio_fs_hiprio_done_work, on a kworker), so
+    # one per FORGET - a guest `rm` sends one per file, a cache drop thousands -
+    # is an interrupt and a kworker run in the guest for nothing.
+    coalesced_queues = frozenset({HIPRIO_QUEUE})
 
     def __init__(self, server, *, num_request_queues: int = 1, thread_pool_size: int = 0):
         self.server = server

@@ -1189,6 +1189,91 @@ def test_one_worker_hang_up_while_the_worker_is_busy(device_cls):
     assert d1.used_elem(0)[1] == 5
 
 
+
+# -- coalesced notifications (VhostUserDevice.coalesced_queues) ------------------------------
+
+
+@pytest.fixture
+def hc(device_cls, monkeypatch):
+    """Queue 0 coalesced, held notifications due after a minute unless the test says
+    otherwise: what sends one is then the ring's fill, a stop, or nothing."""
+    monkeypatch.setattr(vu, "COALESCE_SECONDS", 60.0)
+    device = device_cls()
+    device.coalesced_queues = frozenset({0})
+    harness = Harness(device)
+    harness.start()   # rings of 8: a held notification covers at most 8 // 4 = 2 chains
+    yield harness
+    harness.close()
+
+
+def used_after(h: Harness, index: int, data: bytes) -> None:
+    """Offer one chain, kick, wait for its used element (not for a notification)."""
+    h.request(index, data, expect_call=False)
+
+
+def test_coalesced_ring_holds_the_notification_until_a_quarter_of_it_is_used(hc):
+    _, _, call, _ = hc.rings[0]
+    used_after(hc, 0, b"forget 1")
+    assert not wait_fd(call, 0.2), "notified for one chain of a ring of 8"
+    used_after(hc, 0, b"forget 2")
+    assert wait_fd(call), "no notification once 2 of 8 were used"
+    assert not wait_fd(call, 0.1), "notified twice"
+
+
+def test_coalesced_ring_leaves_the_other_rings_notified_at_once(hc):
+    _, _, call0, _ = hc.rings[0]
+    used_after(hc, 0, b"forget")
+    for i in range(3):
+        assert hc.request(1, b"request %d" % i) == (9, b"request %d" % i)  # notified
+    assert not wait_fd(call0, 0.1)
+
+
+def test_coalesced_ring_sends_its_held_notification_when_stopped(hc):
+    _, _, call, _ = hc.rings[0]
+    used_after(hc, 0, b"forget")
+    assert not wait_fd(call, 0.1)
+    assert get_vring_base(hc, 0) == 1
+    assert wait_fd(call, 0), "GET_VRING_BASE replied before the held notification"
+
+
+def test_coalesced_ring_notification_is_sent_when_due(device_cls, monkeypatch):
+    monkeypatch.setattr(vu, "COALESCE_SECONDS", 0.05)
+    device = device_cls()
+    device.coalesced_queues = frozenset({0})
+    h = Harness(device)
+    try:
+        h.start()
+        _, _, call, _ = h.rings[0]
+        for i in range(3):   # each one held, then sent by the worker on its own
+            t0 = time.monotonic()
+            used_after(h, 0, b"forget %d" % i)
+            assert wait_fd(call), f"held notification {i} never sent"
+            assert time.monotonic() - t0 >= 0.05
+    finally:
+        h.close()
+
+
+def test_coalesced_ring_completion_from_another_thread_notifies_at_once(monkeypatch):
+    monkeypatch.setattr(vu, "COALESCE_SECONDS", 60.0)
+    device = PoolDevice()
+    device.coalesced_queues = frozenset({0})
+    h = Harness(device)
+    try:
+        h.start()
+        d, kick, call, _ = h.rings[0]
+        used_after(h, 0, b"forget")    # held
+        d.add([b"HOLD"], [8])
+        os.eventfd_write(kick, 1)
+        vring, chain, _ = device.held.get(timeout=TIMEOUT)
+        wait_until(lambda: not vring._batching, "the worker's batch to end")
+        assert not wait_fd(call, 0.1)
+        vring.complete(chain, 4)       # a pool thread's completion: not held
+        assert wait_fd(call), "no notification for a completion outside the worker"
+        assert d.used_idx() == 2
+        assert vring._held == 0        # that notification covered the held one too
+    finally:
+        h.close()
+
 # -- malformed messages ----------------------------------------------------------------------
 
 

@@ -65,3 +65,35 @@ def test_hiprio_and_request_queues_on_one_thread(start_vfsd):
     hiprio = [int(n) for n in re.findall(r"queue 0: stopped at avail idx (\d+)", log)]
     assert hiprio and max(hiprio) > 0, "no FORGET reached the hiprio queue"
     assert "Traceback" not in log and "worker failed" not in log, log[-4000:]
+
+
+FORGETS = """
+set -e
+hiprio() { grep -- '-hiprio$' /proc/interrupts | awk '{print $2}'; }
+mkdir /mnt/many
+i=0; while [ $i -lt 600 ]; do echo $i > /mnt/many/f$i; i=$((i+1)); done
+before=$(hiprio)
+rm -r /mnt/many
+echo "hiprio interrupts $before $(hiprio)"
+umount /mnt
+echo "unmounted"
+"""
+
+
+def test_forgets_are_acknowledged_in_batches(start_vfsd):
+    """`rm -r` sends a FORGET per file on hiprio; each one notified on its own would be
+    an interrupt in the guest per file (VirtioFsDevice.coalesced_queues).  The held
+    notifications still arrive: the unmount waits for every FORGET to come back."""
+    daemon = start_vfsd()
+    r = run_guest(FORGETS, socket_path=daemon.socket_path, timeout=300)
+    assert r.status == 0, r.explain()
+    assert "unmounted" in r.output, r.output
+    m = re.search(r"^hiprio interrupts (\d+) (\d+)$", r.output, re.M)
+    assert m, r.output
+    interrupts = int(m.group(2)) - int(m.group(1))
+    # 600 FORGETs: a notification per quarter of the ring (128 / 4 = 32 FORGETs) or per
+    # 20 ms, whichever is first; one per FORGET would be 600.
+    assert 0 < interrupts <= 150, interrupts
+    assert not (daemon.shared_dir / "many").exists()
+    log = daemon.log_text()
+    assert "Traceback" not in log and "worker failed" not in log, log[-4000:]

@@ -36,6 +36,10 @@ The last rows are each daemon's CPU over the whole run (every process of its ses
 (the kernel's work for its syscalls).  The very last is the CPU time the hypervisor took from
 this machine during each run (/proc/stat's steal): a run that lost seconds to the host's other
 tenants is slower for it, whichever backend it ran.
+
+--interrupts counts the guest's interrupts per phase from its /proc/interrupts, read at each
+mark outside the phase's clock: for virtio-fs, those of the hiprio queue (FORGETs) and of the
+request queues, a figure that does not depend on how busy the host is.
 """
 
 from __future__ import annotations
@@ -222,6 +226,39 @@ def profile_report(prof: Path, top: int) -> str:
         "Self time by kind of work:", fmt_table(["kind", "µs/req", "% of busy"], r["cats"])])
 
 
+MARK = 'mark() { clock; echo "@T $1 $t"; }'
+# --interrupts: the guest's virtio interrupt counts at each mark ("@I NAME <a line of
+# /proc/interrupts>"), read before a phase's clock starts and after it stops.
+IRQ_MARK = ("irqs() { grep -E ' virtio[0-9]+-' /proc/interrupts | sed \"s/^/@I $1 /\"; }\n"
+            'mark() { case $1 in *.end) @SYNC@clock; echo "@T $1 $t"; irqs $1;; '
+            '*) irqs $1; @SYNC@clock; echo "@T $1 $t";; esac; }')
+
+
+def mark_function(count_requests: bool, interrupts: bool) -> str:
+    """The script's `mark`: with `count_requests` a SYNCFS before each (which cuts vfsd's
+    debug log into phases), with `interrupts` the guest's interrupt counts beside it."""
+    sync = "sync; " if count_requests else ""
+    if interrupts:
+        return IRQ_MARK.replace("@SYNC@", sync)
+    return MARK.replace("{ clock;", "{ " + sync + "clock;")
+
+
+def parse_interrupts(output: str, suffix: str = "") -> dict[str, dict[str, int]]:
+    """Per phase, the guest's interrupts by virtqueue kind ("hiprio", "requests", summed
+    over the CPUs and the request queues) between its two marks (--interrupts)."""
+    at: dict[str, dict[str, int]] = {}
+    for m in re.finditer(r"^@I (\S+)\s+\d+:((?:\s+\d+)+)\s.*?virtio\d+-([a-z]+)", output,
+                         re.M):
+        kinds = at.setdefault(m.group(1), {})
+        kinds[m.group(3)] = kinds.get(m.group(3), 0) + sum(map(int, m.group(2).split()))
+    out = {}
+    for p, _ in PHASES:
+        start, end = at.get(p + suffix), at.get(p + suffix + ".end")
+        if start is not None and end is not None:
+            out[p] = {k: end[k] - start.get(k, 0) for k in end if k != "config"}
+    return out
+
+
 def parse_marks(output: str, suffix: str = "") -> dict[str, float]:
     """Seconds per phase from the script's marks: "@T NAME 12345ns" (/proc/timer_list) or
     "@T NAME 12.34" (/proc/uptime, where the guest has no timer_list); NAME is the phase
@@ -390,6 +427,8 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
     info["steal"] = round(steal_seconds() - steal0, 2)
     info["status"] = r.status
     info["phases"] = parse_marks(r.output)
+    if "\n@I " in r.output:
+        info["interrupts"] = parse_interrupts(r.output)
     m = re.search(r"^@MOUNTINFO (.*)$", r.output, re.M)
     info["mount"] = m.group(1) if m else None
     if r.status != 0 or "@DONE" not in r.output:
@@ -423,6 +462,9 @@ def main(argv: list[str]) -> int:
                    help="run vfsd with --log-level debug (the C virtiofsd with -d) and print "
                         "how many FUSE requests of each kind the workload sent to each, per "
                         "phase (the logging slows the daemons down)")
+    p.add_argument("--interrupts", action="store_true",
+                   help="also count the guest's virtio interrupts per phase (hiprio and "
+                        "request queues; read at each mark, outside the phases' clocks)")
     p.add_argument("--profile", type=int, metavar="TOP", default=0,
                    help="run vfsd under cProfile (all threads) and print its TOP functions "
                         "for the whole workload (the profiler slows vfsd 2-3x)")
@@ -472,9 +514,8 @@ def main(argv: list[str]) -> int:
         backends.remove("9p")
     nsmall, tfiles, tbytes, big = SIZES["quick" if a.quick else "full"]
     tar, facts = make_tarball(tfiles, tbytes)
-    script = SCRIPT
-    if a.count_requests:   # a SYNCFS before every mark cuts vfsd's log into phases
-        script = script.replace('mark() { clock;', 'mark() { sync; clock;')
+    assert MARK in SCRIPT
+    script = SCRIPT.replace(MARK, mark_function(a.count_requests, a.interrupts))
     for k, v in (("@N@", nsmall), ("@BYTES@", facts["regular_bytes"]), ("@BIG@", big),
                  ("@SAMPLE@", facts["sample"]), ("@OWNER@", "1000:1000")):
         script = script.replace(k, str(v))
@@ -534,6 +575,8 @@ def main(argv: list[str]) -> int:
     if a.max_steal is not None:
         print(f"(runs with more than {a.max_steal:g}% steal run again: "
               + (", ".join(f"{b} {n}x" for b, n in retried.items()) or "none was") + ")")
+    if any(r.get("interrupts") for rs in runs.values() for r in rs):
+        print("\n" + interrupts_report(runs, backends, nsmall))
     for b in backends:
         for r in runs[b][:1]:
             if r.get("profile"):
@@ -564,6 +607,25 @@ def main(argv: list[str]) -> int:
                                                 pin=a.pin, runs=runs),
                                            indent=1))
     return 0 if all(i["script_ok"] for rs in runs.values() for i in rs) else 1
+
+
+def interrupts_report(runs: dict, backends: list[str], nsmall: int) -> str:
+    """--interrupts: the guest's interrupts per phase and backend, hiprio + request queues
+    (medians of the runs)."""
+    rows = []
+    for ph, label in PHASES:
+        row = [label.replace("N", str(nsmall))]
+        for b in backends:
+            got = [r["interrupts"][ph] for r in runs[b] if ph in r.get("interrupts", {})]
+            if not got:
+                row.append("-")
+                continue
+            kinds = sorted({k for g in got for k in g}, key=lambda k: (k != "hiprio", k))
+            row.append(" + ".join(f"{k} {round(statistics.median(g.get(k, 0) for g in got)):,}"
+                                  for k in kinds))
+        rows.append(row)
+    return ("Guest interrupts per phase (virtio queues; medians of the runs):\n"
+            + fmt_table(["phase", *backends], rows, "l" * (1 + len(backends))))
 
 
 def _seconds(x: float | None) -> str:

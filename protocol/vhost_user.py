@@ -504,7 +504,7 @@ class Vring:
             return
         handle, pop, push = device.handle_chain, vq.pop, vq.push
         pushed = False
-        first = vq.used_idx
+        first = vq.used_idx if self._coalesce_max else 0   # (counted for coalescing only)
         try:
             while self.enabled and not self._stopping and not self.broken:
                 try:

@@ -243,7 +243,7 @@ def mark_function(count_requests: bool, interrupts: bool) -> str:
     return MARK.replace("{ clock;", "{ " + sync + "clock;")
 
 
-def parse_interrupts(output: str, suffix: str = "") -> dict[str, dict[str, int]]:
+def parse_interrupts(output: str) -> dict[str, dict[str, int]]:
     """Per phase, the guest's interrupts by virtqueue kind ("hiprio", "requests", summed
     over the CPUs and the request queues) between its two marks (--interrupts)."""
     at: dict[str, dict[str, int]] = {}
@@ -253,7 +253,7 @@ def parse_interrupts(output: str, suffix: str = "") -> dict[str, dict[str, int]]
         kinds[m.group(3)] = kinds.get(m.group(3), 0) + sum(map(int, m.group(2).split()))
     out = {}
     for p, _ in PHASES:
-        start, end = at.get(p + suffix), at.get(p + suffix + ".end")
+        start, end = at.get(p), at.get(p + ".end")
         if start is not None and end is not None:
             out[p] = {k: end[k] - start.get(k, 0) for k in end if k != "config"}
     return out

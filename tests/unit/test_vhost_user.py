@@ -1193,15 +1193,21 @@ def test_one_worker_hang_up_while_the_worker_is_busy(device_cls):
 # -- coalesced notifications (VhostUserDevice.coalesced_queues) ------------------------------
 
 
-@pytest.fixture
-def hc(device_cls, monkeypatch):
-    """Queue 0 coalesced, held notifications due after a minute unless the test says
-    otherwise: what sends one is then the ring's fill, a stop, or nothing."""
-    monkeypatch.setattr(vu, "COALESCE_SECONDS", 60.0)
-    device = device_cls()
+def coalesced(device: VhostUserDevice, monkeypatch, seconds: float) -> Harness:
+    """A started harness whose queue 0 is coalesced, with held notifications due after
+    `seconds`.  Its rings have 8 entries: a held notification covers at most 8 // 4 = 2."""
+    monkeypatch.setattr(vu, "COALESCE_SECONDS", seconds)
     device.coalesced_queues = frozenset({0})
     harness = Harness(device)
-    harness.start()   # rings of 8: a held notification covers at most 8 // 4 = 2 chains
+    harness.start()
+    return harness
+
+
+@pytest.fixture
+def hc(device_cls, monkeypatch):
+    """Held notifications due after a minute: what sends one is the ring's fill, a stop,
+    or nothing."""
+    harness = coalesced(device_cls(), monkeypatch, 60.0)
     yield harness
     harness.close()
 
@@ -1237,12 +1243,8 @@ def test_coalesced_ring_sends_its_held_notification_when_stopped(hc):
 
 
 def test_coalesced_ring_notification_is_sent_when_due(device_cls, monkeypatch):
-    monkeypatch.setattr(vu, "COALESCE_SECONDS", 0.05)
-    device = device_cls()
-    device.coalesced_queues = frozenset({0})
-    h = Harness(device)
+    h = coalesced(device_cls(), monkeypatch, 0.05)
     try:
-        h.start()
         _, _, call, _ = h.rings[0]
         for i in range(3):   # each one held, then sent by the worker on its own
             t0 = time.monotonic()
@@ -1254,12 +1256,9 @@ def test_coalesced_ring_notification_is_sent_when_due(device_cls, monkeypatch):
 
 
 def test_coalesced_ring_completion_from_another_thread_notifies_at_once(monkeypatch):
-    monkeypatch.setattr(vu, "COALESCE_SECONDS", 60.0)
     device = PoolDevice()
-    device.coalesced_queues = frozenset({0})
-    h = Harness(device)
+    h = coalesced(device, monkeypatch, 60.0)
     try:
-        h.start()
         d, kick, call, _ = h.rings[0]
         used_after(h, 0, b"forget")    # held
         d.add([b"HOLD"], [8])
@@ -1273,6 +1272,7 @@ def test_coalesced_ring_completion_from_another_thread_notifies_at_once(monkeypa
         assert vring._held == 0        # that notification covered the held one too
     finally:
         h.close()
+
 
 # -- malformed messages ----------------------------------------------------------------------
 

@@ -1189,7 +1189,6 @@ def test_one_worker_hang_up_while_the_worker_is_busy(device_cls):
     assert d1.used_elem(0)[1] == 5
 
 
-
 # -- coalesced notifications (VhostUserDevice.coalesced_queues) ------------------------------
 
 

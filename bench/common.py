@@ -170,6 +170,18 @@ class BenchDaemon:
         return self.d.log_tail(n)
 
 
+def small_files(directory: Path, n: int) -> None:
+    """`directory` (made) with files f0..f{n-1} of 2 bytes, each with an ownership record
+    (1000:1000, 0644), as the guest's own files would have."""
+    from vfsd import ownership
+    directory.mkdir(parents=True)
+    record = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
+    for i in range(n):
+        p = directory / f"f{i}"
+        p.write_bytes(b"x\n")
+        os.setxattr(p, "user.o", record)
+
+
 def backend_daemon(backend: str, workdir: Path, share: Path, sources: dict | None = None):
     """The daemon (not started) for a backend spec: "virtiofsd[:OPTIONS]" is the C
     virtiofsd, "vfsd[@REV][:OPTIONS]" vfsd (its code at REV from `sources`, see source_at)."""

@@ -18,14 +18,13 @@ against the working tree).  Needs valgrind (apt-get install valgrind); ~1-2 min 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from .common import REPO, fmt_table, make_workdir, source_at
+from .common import REPO, fmt_table, make_workdir, small_files, source_at
 
 # Each case: (name, label, setup, statement, per): `setup` runs once, `statement` N times,
 # and the figure is instructions per statement divided by `per`.  The setup sees `ROOT`
@@ -191,17 +190,6 @@ exec(code)
 '''
 
 
-def make_share(root: Path) -> None:
-    from vfsd import ownership
-    small = root / "small"
-    small.mkdir(parents=True)
-    rec = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
-    for i in range(2000):
-        p = small / f"f{i}"
-        p.write_bytes(b"x\n")
-        os.setxattr(p, "user.o", rec)
-
-
 def count(source: Path, root: Path, setup: str, stmt: str, n: int) -> int:
     """Instructions of the child run (callgrind's total)."""
     with_out = root.parent / "callgrind.out"
@@ -242,7 +230,7 @@ def main(argv: list[str]) -> int:
     workdir = make_workdir()
     try:
         root = workdir / "share"
-        make_share(root)
+        small_files(root / "small", 2000)
         sources = {"worktree": REPO}
         for i, rev in enumerate(revs):
             sources[rev] = source_at(rev, workdir / f"src-{i}")

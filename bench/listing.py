@@ -20,9 +20,8 @@ import os
 import shutil
 import statistics
 
-from vfsd import ownership
-
-from .common import VIRTIOFSD, backend_daemon, fmt_table, make_workdir, note
+from .common import (VIRTIOFSD, backend_daemon, fmt_table, make_workdir, note,
+                     small_files)
 
 GUEST = r"""
 import os, subprocess, time
@@ -39,23 +38,13 @@ for i in range(@LISTS@):
 """
 
 
-def make_share(share, files: int) -> None:
-    d = share / "d"
-    d.mkdir(parents=True)
-    record = ownership.encode(ownership.Record(1000, 1000, 0o100644), name=b"user.o")
-    for i in range(files):
-        p = d / f"f{i}"
-        p.write_bytes(b"x\n")
-        os.setxattr(p, "user.o", record)
-
-
 def one_boot(backend: str, workdir, files: int, lists: int, stat: bool = False) -> list[float]:
     from tests.vm.guest import run_guest
     base = backend.partition(":")[0]
     share = workdir / "share"
     if share.exists():
         shutil.rmtree(share)
-    make_share(share, files)
+    small_files(share / "d", files)
     script = GUEST.replace("@LISTS@", str(lists)).replace("@FILES@", str(files)).replace(
         "@STAT@", str(stat))
     ctx = backend_daemon(backend, workdir, share)

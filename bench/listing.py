@@ -1,9 +1,9 @@
 """`ls -ln` of one long directory in a TCG guest, timed in the guest to the microsecond (or,
 with `--stat`, an lstat of each of its files by name: a LOOKUP each).
 
-`bench guest` times its phases by /proc/uptime, in 10 ms steps, and its `ls -ln` phase is
-~0.15 s: too short for those steps and this machine's noise to tell 0.12 s from 0.16 s.
-Here each backend's guest boots once per round, and lists the same directory of N files
+`bench guest` times its ~0.15 s `ls -ln` phase once per boot, and this machine's noise
+between boots is larger than the difference between 0.12 s and 0.16 s.  Here each backend's
+guest boots once per round, and lists the same directory of N files
 (each with an ownership record) several times, after dropping its caches each time, with
 Python's perf_counter around each `ls -ln`.  The first listing of a boot is left out of the
 figures: it is the daemon's first meeting with every record (later ones find the records it

@@ -59,8 +59,9 @@ from pathlib import Path
 
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
-from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, fmt_table, make_workdir, note,
-                     session_cpu_times, source_at, steal_seconds)
+from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, add_steal_options, fmt_table,
+                     make_workdir, note, session_cpu_times, source_at, steal_seconds,
+                     within_steal)
 from .tarball import make_tarball
 
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
@@ -478,14 +479,7 @@ def main(argv: list[str]) -> int:
                         "others (e.g. '1/0'; alone: the last CPU for the daemon, the rest for "
                         "QEMU), so the daemon never waits for the emulated vCPU's host CPU "
                         "nor shares its caches; 9p and tmpfs have no daemon and run unpinned")
-    p.add_argument("--max-steal", type=float, metavar="PERCENT",
-                   help="run a backend again (up to --retries times) when the host took more "
-                        "than PERCENT of this machine's CPU time during the run (steal): such "
-                        "a run measures the neighbours (seen here: 28%% of a vfsd run, which "
-                        "took twice as long as the quiet ones); the last try is kept whatever "
-                        "its steal")
-    p.add_argument("--retries", type=int, default=2,
-                   help="tries after the first for --max-steal (2)")
+    add_steal_options(p, "run")
     p.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     a = p.parse_args(argv)
     try:
@@ -527,7 +521,6 @@ def main(argv: list[str]) -> int:
     workdir = make_workdir()
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     retried: dict[str, int] = {}   # runs thrown away for --max-steal, by backend
-    ncpu = os.cpu_count() or 1
     try:
         sources = {}   # vfsd@REV: the vfsd and protocol packages at REV
         for b in backends:
@@ -545,7 +538,7 @@ def main(argv: list[str]) -> int:
                 base, _, rev = name.partition("@")
                 vfsd_args = shlex.split(a.vfsd_args) + (shlex.split(extra)
                                                          if base == "vfsd" else [])
-                for attempt in range(1 + (a.retries if a.max_steal is not None else 0)):
+                def run():
                     info = run_backend(base, kernel, script.replace("@MOUNT@", MOUNTS[base]),
                                        files, workdir, timeout, vfsd_args,
                                        a.count_requests, a.profile,
@@ -554,13 +547,11 @@ def main(argv: list[str]) -> int:
                     info["script_ok"] = "error" not in info
                     note(f"guest: {b}: {info['wall']} s wall, {info['steal']} s stolen by "
                          f"the host, phases {info['phases']}")
-                    # (steal is summed over the CPUs: a share of all of their time)
-                    stolen = 100 * info["steal"] / (max(info["wall"], 0.1) * ncpu)
-                    if a.max_steal is None or stolen <= a.max_steal or attempt == a.retries:
-                        break
-                    note(f"guest: {b}: {stolen:.0f}% of the run stolen, over --max-steal: "
-                         "run again")
-                    retried[b] = retried.get(b, 0) + 1
+                    return info
+
+                info, thrown = within_steal(run, a.max_steal, a.retries, f"guest: {b}")
+                if thrown:
+                    retried[b] = retried.get(b, 0) + thrown
                 runs[b].append(info)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -19,10 +19,10 @@ pause, so its stat and `ls -ln` phases include serving the FORGETs of their own 
     python3 -m bench paired [--backends vfsd,virtiofsd] [--rounds 4] [--quick] [--settle S]
                             [--max-steal PERCENT [--retries N]]
 
-Both daemons of a boot meet the same slow minutes of the host, but a slow machine charges
-most the daemon with more CPU per request, in the phases in which the guest waits for one
-request at a time.  `--max-steal` repeats a boot in which the host took more than PERCENT of
-this machine's CPU, as `bench guest --max-steal` repeats a run.
+Both daemons of a boot meet the same slow minutes of the host, but those minutes cost more
+to the daemon that spends more CPU per request, in the phases in which the guest waits for
+one request at a time.  `--max-steal` repeats a boot in which the host took more than
+PERCENT of this machine's CPU, as `bench guest --max-steal` repeats a run.
 
 Backends: vfsd, vfsd:OPTIONS, vfsd@REV[:OPTIONS], virtiofsd, virtiofsd:OPTIONS (two of them;
 the second is the reference of the ratios).

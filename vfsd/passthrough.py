@@ -61,6 +61,16 @@ _MAX_FORGOTTEN = 16384  # records kept for forgotten nodes (PassthroughFs._forgo
 _RACY_NS = 50_000_000
 
 
+def _creator_id(value: int) -> int:
+    """fuse_in_header's uid or gid as the owner of a new object.  (u32)-1 is
+    no owner: the guest's fuse sends no request with it (fs/fuse/dev.c,
+    fuse_get_req: EOVERFLOW, for ids its user namespace cannot map), so only a
+    misbehaving guest gets here, and it gets the same answer."""
+    if value > ownership.MAX_ID:
+        raise OSError(errno.EOVERFLOW, f"id {value} cannot own a file")
+    return value
+
+
 # os.fsencode's conversion, as constants: the snapshot encodes every name of a
 # listing (os.scandir of an fd gives str names), and os.fsencode is a Python
 # call per name.
@@ -189,8 +199,10 @@ class PassthroughFs:
         self.xattrmap = xattrmap
         # virtiofsd drops O_DIRECT (page-cache coherency with the guest's own
         # cache) and O_NOATIME (EPERM on files one does not own) by default.
-        self._open_strip = _OPEN_STRIP | (0 if allow_direct_io else os.O_DIRECT) | (
-            0 if preserve_noatime else os.O_NOATIME)
+        # Bit 31 and up are no open flag (open(2) drops what is not in
+        # VALID_OPEN_FLAGS) and would not fit the C int the host call takes.
+        self._open_keep = 0x7FFFFFFF & ~(_OPEN_STRIP | (0 if allow_direct_io else os.O_DIRECT) | (
+            0 if preserve_noatime else os.O_NOATIME))
         self.uidmap = uidmap
         self.gidmap = gidmap
         self.key = key
@@ -582,7 +594,7 @@ class PassthroughFs:
         major = minor = 0
         if kind in (stat.S_IFCHR, stat.S_IFBLK):
             major, minor = os.major(rdev), os.minor(rdev)
-        return Record(ctx.uid, gid, kind | perm, major, minor), xattrs
+        return Record(_creator_id(ctx.uid), _creator_id(gid), kind | perm, major, minor), xattrs
 
     def _default_acl(self, parent: Inode) -> list | None:
         if not self.posix_acl:
@@ -979,7 +991,7 @@ class PassthroughFs:
         linked at the old name right after the rename."""
         if flags & syscalls.RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, "RENAME_WHITEOUT with RENAME_EXCHANGE")
-        rec = Record(ctx.uid, ctx.gid, stat.S_IFCHR)
+        rec = Record(_creator_id(ctx.uid), _creator_id(ctx.gid), stat.S_IFCHR)
         fd = self._make_file(src, None, rec)
         try:
             syscalls.renameat2(src.fd, name, dst.fd, newname, flags & ~syscalls.RENAME_WHITEOUT)
@@ -1041,7 +1053,7 @@ class PassthroughFs:
         return h
 
     def _host_open_flags(self, flags: int) -> int:
-        flags = (flags & ~self._open_strip) | os.O_CLOEXEC
+        flags = (flags & self._open_keep) | os.O_CLOEXEC
         if self.writeback:
             # With the writeback cache the guest kernel reads pages through
             # write-only opens (to fill a partly written page), and writes

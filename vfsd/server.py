@@ -31,14 +31,27 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 _U64 = (1 << 64) - 1
+_NO_ID = 0xFFFFFFFF  # (uid_t)-1
 _NO_ENTRY = (0,) * len(fuse.fuse_entry_out.flat_fields)
 _PAD = [b"\0" * n for n in range(8)]   # a dirent's padding to FUSE_DIRENT_ALIGN
 
 
 def _s64(v: int) -> int:
-    """fuse_attr/fuse_setattr_in times are u64 fields carrying signed seconds
-    (times before 1970 are negative)."""
+    """A u64 field carrying a signed value: fuse_attr/fuse_setattr_in times
+    (before 1970 negative), fuse_lseek_in.offset (lseek(2)'s off_t)."""
     return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _loff(v: int) -> int:
+    """A file offset or length from a u64 field: the guest kernel's loff_t,
+    which its VFS never lets go negative before a filesystem sees it
+    (rw_verify_area, vfs_fallocate, do_truncate, generic_copy_file_checks).
+    One at 2^63 or above would reach the host negative, where preadv2(2) and
+    pwritev2(2) take -1 as "the fd's own position": refused, as those would."""
+    if v >= 1 << 63:
+        raise OSError(errno.EINVAL, f"offset or length {v} is negative as loff_t")
+    return v
+
 
 PATH_MAX = 4096
 IN_HEADER = fuse.fuse_in_header.size
@@ -634,6 +647,10 @@ class FuseServer:
         (v, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
          _) = fuse.fuse_setattr_in.flat_unpack_from(args)
         V = _V
+        if (v & V.UID and uid == _NO_ID) or (v & V.GID and gid == _NO_ID):
+            # chown(2)'s "leave unchanged", which the guest's VFS turns into no
+            # ATTR_UID/ATTR_GID before any filesystem sees it: never an owner.
+            raise OSError(errno.EINVAL, "SETATTR to owner or group (u32)-1")
         if v & V.ATIME:
             atime = NOW if v & V.ATIME_NOW else _s64(atime) * 1_000_000_000 + atimensec
         else:
@@ -646,7 +663,7 @@ class FuseServer:
             mode & 0o7777 if v & V.MODE else None,
             uid if v & V.UID else None,
             gid if v & V.GID else None,
-            size if v & V.SIZE else None,
+            _loff(size) if v & V.SIZE else None,
             atime, mtime,
             fh if v & V.FH else None,
             # HANDLE_KILLPRIV_V2: the server clears suid/sgid/caps on chown
@@ -744,7 +761,7 @@ class FuseServer:
         a = fuse.fuse_read_in.unpack(reader.read(fuse.fuse_read_in.size))
         size = min(a.size, writer.room)
         views = writer.views(size) if size else []
-        return self.fs.read(ctx, nodeid, a.fh, a.offset, views)
+        return self.fs.read(ctx, nodeid, a.fh, _loff(a.offset), views)
 
     def _write(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_write_in.unpack(reader.read(fuse.fuse_write_in.size))
@@ -752,7 +769,7 @@ class FuseServer:
             raise ProtocolError(f"WRITE of {a.size} bytes carries only {reader.remaining}")
         views = reader.views(a.size) if a.size else []
         kill = bool(a.write_flags & fuse.WRITE_KILL_SUIDGID)
-        n = self.fs.write(ctx, nodeid, a.fh, a.offset, views, kill_suidgid=kill,
+        n = self.fs.write(ctx, nodeid, a.fh, _loff(a.offset), views, kill_suidgid=kill,
                           kill_caps=kill or self._server_kills_caps())
         return fuse.fuse_write_out.flat_pack(n, 0)  # size, padding
 
@@ -889,6 +906,10 @@ class FuseServer:
         name, value = rest[:end], rest[end + 1:]
         if len(value) != a.size:
             raise ProtocolError(f"SETXATTR says {a.size} value bytes, carries {len(value)}")
+        if a.flags & ~(os.XATTR_CREATE | os.XATTR_REPLACE):
+            # setxattr(2) refuses other flags (fs/xattr.c) before any
+            # filesystem sees them; nor would they fit the host call's C int.
+            raise OSError(errno.EINVAL, f"setxattr flags {a.flags:#x}")
         self.fs.setxattr(ctx, nodeid, name, value, a.flags,
                          acl_kill_sgid=bool(a.setxattr_flags & fuse.SETXATTR_ACL_KILL_SGID))
         return b""
@@ -902,17 +923,20 @@ class FuseServer:
     # ------------------------------------------------------------------
     def _fallocate(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_fallocate_in.unpack(reader.read(fuse.fuse_fallocate_in.size))
-        self.fs.fallocate(ctx, nodeid, a.fh, a.offset, a.length, a.mode, **self._v2_kill(ctx))
+        self.fs.fallocate(ctx, nodeid, a.fh, _loff(a.offset), _loff(a.length), a.mode,
+                          **self._v2_kill(ctx))
         return b""
 
     def _lseek(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_lseek_in.unpack(reader.read(fuse.fuse_lseek_in.size))
         return fuse.fuse_lseek_out.pack(
-            offset=self.fs.lseek(ctx, nodeid, a.fh, a.offset, a.whence))
+            # (lseek(2)'s offset is signed, and for SEEK_DATA/SEEK_HOLE the
+            # guest passes the caller's on as it is: the host answers for it)
+            offset=self.fs.lseek(ctx, nodeid, a.fh, _s64(a.offset), a.whence))
 
     def _copy_file_range(self, ctx, nodeid, reader, writer) -> bytes:
         a = fuse.fuse_copy_file_range_in.unpack(reader.read(fuse.fuse_copy_file_range_in.size))
-        n = self.fs.copy_file_range(ctx, a.fh_in, a.off_in, a.fh_out, a.off_out,
+        n = self.fs.copy_file_range(ctx, a.fh_in, _loff(a.off_in), a.fh_out, _loff(a.off_out),
                                     min(a.len, 0xFFFFFFFF), a.flags, **self._v2_kill(ctx))
         return fuse.fuse_write_out.pack(size=n)  # fuse_write_out.size is a u32
 

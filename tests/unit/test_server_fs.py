@@ -9,6 +9,7 @@ straight from the buffers.
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 
@@ -489,3 +490,81 @@ def test_open_flags_under_the_writeback_cache(tmp_path, writeback):
     assert (share / "f").read_bytes() == (b"01ab456789" if writeback else b"0123456789ab")
     fs.release(ctx, node, o.fh)
     fs.close()
+
+
+# Wire fields wider than what they stand for: u64 offsets that are the guest's
+# loff_t, u32 flags that are a C int, u32 ids where (u32)-1 is "no id".  The
+# guest's kernel never sends the top values; a misbehaving guest gets a clear
+# errno for each (what the guest's own VFS or the host would answer), nothing
+# changes on the host, and the log shows no internal error.
+NEG = 1 << 63          # the first u64 that is negative as loff_t
+NO_ID = 0xFFFFFFFF     # (uid_t)-1
+SV = fuse.SetattrValid
+
+
+def test_fields_out_of_range_get_an_errno_and_change_nothing(s, tmp_path, caplog):
+    host = tmp_path / "share" / "f"
+    body = s.ok(fuse.Opcode.CREATE, 1, fuse.fuse_create_in.pack(
+        flags=os.O_RDWR, mode=stat.S_IFREG | 0o644), extra=[b"f\0"], out=4096)
+    node = s.entry(body).nodeid
+    fh = fuse.fuse_open_out.unpack(body[fuse.fuse_entry_out.size:][:16]).fh
+    assert s.call(fuse.Opcode.WRITE, node, fuse.fuse_write_in.pack(fh=fh, size=4),
+                  extra=[b"data"])[0] == 0
+    before = os.stat(host), record(host)
+
+    def err(opcode, args, extra=(), **kw):
+        return s.call(opcode, node, args, extra=extra, **kw)[0]
+
+    for off in (NEG, (1 << 64) - 1):
+        assert err(fuse.Opcode.READ, fuse.fuse_read_in.pack(fh=fh, offset=off, size=4)) \
+            == errno.EINVAL   # (as -1 the host would read at the fd's own position)
+        assert err(fuse.Opcode.WRITE, fuse.fuse_write_in.pack(fh=fh, offset=off, size=4),
+                   [b"XXXX"]) == errno.EINVAL
+        assert err(fuse.Opcode.FALLOCATE, fuse.fuse_fallocate_in.pack(
+            fh=fh, offset=off, length=1)) == errno.EINVAL
+        assert err(fuse.Opcode.FALLOCATE, fuse.fuse_fallocate_in.pack(
+            fh=fh, offset=0, length=off)) == errno.EINVAL
+        for field in ("off_in", "off_out"):
+            assert err(fuse.Opcode.COPY_FILE_RANGE, fuse.fuse_copy_file_range_in.pack(
+                fh_in=fh, nodeid_out=node, fh_out=fh, len=1, **{field: off})) == errno.EINVAL
+        assert err(fuse.Opcode.SETATTR, fuse.fuse_setattr_in.pack(
+            valid=SV.SIZE, size=off)) == errno.EINVAL
+    # lseek(2)'s offset is signed: SEEK_DATA from -5 is the host's to answer
+    assert err(fuse.Opcode.LSEEK, fuse.fuse_lseek_in.pack(
+        fh=fh, offset=(1 << 64) - 5, whence=os.SEEK_DATA)) == errno.ENXIO
+    # chown's "unchanged" id is no owner; the size in the same request stays too
+    for valid, ids in ((SV.UID, dict(uid=NO_ID)), (SV.GID, dict(gid=NO_ID)),
+                       (SV.UID | SV.GID | SV.SIZE, dict(uid=7, gid=NO_ID, size=0))):
+        assert err(fuse.Opcode.SETATTR, fuse.fuse_setattr_in.pack(valid=valid, **ids)) \
+            == errno.EINVAL
+    for flags in (1 << 31, NO_ID, 4):   # setxattr(2) knows XATTR_CREATE|XATTR_REPLACE only
+        assert err(fuse.Opcode.SETXATTR, fuse.fuse_setxattr_in.pack(size=1, flags=flags),
+                   [b"user.a\0", b"x"]) == errno.EINVAL
+    after = os.stat(host), record(host)
+    assert (after[0].st_size, after[0].st_mtime_ns, after[1]) == \
+        (before[0].st_size, before[0].st_mtime_ns, before[1])
+    assert host.read_bytes() == b"data" and "user.a" not in os.listxattr(host)
+
+    # fuse_in_header ids: the guest's fuse sends no request as (u32)-1 (EOVERFLOW)
+    for uid, gid in ((NO_ID, GID), (UID, NO_ID)):
+        for opcode, args, extra in (
+                (fuse.Opcode.MKDIR, fuse.fuse_mkdir_in.pack(mode=0o755), [b"d\0"]),
+                (fuse.Opcode.MKNOD, fuse.fuse_mknod_in.pack(mode=stat.S_IFIFO | 0o644),
+                 [b"p\0"]),
+                (fuse.Opcode.CREATE, fuse.fuse_create_in.pack(
+                    flags=os.O_RDWR, mode=stat.S_IFREG | 0o644), [b"c\0"]),
+                (fuse.Opcode.SYMLINK, b"", [b"l\0", b"f\0"]),
+                (fuse.Opcode.TMPFILE, fuse.fuse_create_in.pack(
+                    flags=os.O_RDWR, mode=stat.S_IFREG | 0o644), [b"t\0"])):
+            assert s.call(opcode, 1, args, extra=extra, uid=uid, gid=gid)[0] == errno.EOVERFLOW
+    assert os.listdir(tmp_path / "share") == ["f"]
+
+    # bit 31 is no open flag: dropped, as open(2) drops it
+    for opcode, nodeid, args, extra in (
+            (fuse.Opcode.OPEN, node, fuse.fuse_open_in.pack(flags=(1 << 31) | os.O_RDONLY), ()),
+            (fuse.Opcode.CREATE, 1, fuse.fuse_create_in.pack(
+                flags=(1 << 31) | os.O_RDWR, mode=stat.S_IFREG | 0o644), [b"g\0"]),
+            (fuse.Opcode.TMPFILE, 1, fuse.fuse_create_in.pack(
+                flags=NO_ID & ~os.O_ACCMODE | os.O_RDWR, mode=stat.S_IFREG | 0o644), [b"t\0"])):
+        assert s.call(opcode, nodeid, args, extra=extra, out=4096)[0] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

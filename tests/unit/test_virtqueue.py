@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mmap
+import random
+import signal
 import struct
 
 import pytest
@@ -634,3 +636,87 @@ def test_views_outside_the_main_region_and_across_regions():
     assert c.readable_len == 14 and c.writable_len == 4
     assert_views(c)
     assert small[0x100:0x101] == b"x"
+
+
+# -- random rings ----------------------------------------------------------------------
+
+
+def random_ring(r, size: int):
+    """A ring in the larger of two memory regions with a gap between them, its
+    descriptor table, indirect tables, avail entries and index all random:
+    addresses inside either region, in the gap, across a region's end, at the
+    top of the address space; lengths up to 2^32-1; flags with unknown bits;
+    next fields past the table; loops; avail idx leaps past the ring size."""
+    small, large = bytearray(0x1000), bytearray(0x20000)
+    d = RingDriver(large, GPA, size, ring_offset=0x1000)
+    mem = GuestMemory.from_buffers([(GPA - 0x3000, small), (GPA, large)])
+    vq = Virtqueue(mem, size, d.desc_gpa, d.avail_gpa, d.used_gpa)
+    tables = [d.alloc(16 * 8) for _ in range(3)]
+
+    def addr():
+        return r.choice([GPA - 0x3000 + r.randrange(0x1000), GPA + 0x8000 + r.randrange(0x1000),
+                         GPA - 0x2000 + r.randrange(0x1000), GPA - 0x2004, GPA + 0x20000 - 8,
+                         r.choice(tables), 0, (1 << 64) - 16, r.getrandbits(64)])
+
+    def desc():
+        flags = r.choice([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, INDIRECT | NEXT,
+                          INDIRECT | WRITE, r.getrandbits(16)])
+        length = r.choice([0, 1, 8, 16, 16 * r.randrange(1, 9), 4096, 0xFFFFFFFF,
+                           r.getrandbits(32)])
+        return addr(), length, flags, r.choice([r.randrange(size), r.randrange(size),
+                                                size, r.getrandbits(16)])
+
+    for slot in range(size):
+        d.write_desc(slot, *desc())
+    for table in tables:
+        for slot in range(8):
+            d.write_desc(slot, *desc(), table=table)
+    for _ in range(r.randrange(1, size + 1)):
+        d.put_avail(r.choice([r.randrange(size), r.randrange(size), size, 0xFFFF]),
+                    publish=False)
+    d.set_avail_idx(d.avail_idx if r.random() < 0.9 else r.getrandbits(16))
+    return vq, (small, large)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_rings_pop_chains_or_break_cleanly(seed):
+    """Whatever the driver wrote, pop() gives a chain whose views lie in guest
+    memory and add up to its lengths, or None, or VirtqueueError; it never
+    raises anything else, never loops, never hands out more than the rules allow."""
+    r = random.Random(seed)
+    outcomes = set()
+
+    def stuck(*_):
+        raise AssertionError("pop() did not return: it walks a loop")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)   # (the 400 rings take well under a second)
+    try:
+        walk_random_rings(r, outcomes)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes == {"broken", "empty", "chain"}   # the rings reached every outcome
+
+
+def walk_random_rings(r, outcomes: set) -> None:
+    for _ in range(400):
+        size = r.choice([1, 2, 8, 16])
+        vq, memory = random_ring(r, size)
+        for _ in range(size + 2):
+            try:
+                chain = vq.pop()
+            except VirtqueueError:
+                outcomes.add("broken")
+                break
+            if chain is None:
+                outcomes.add("empty")
+                break
+            outcomes.add("chain")
+            assert 0 <= chain.head < size
+            assert chain.readable_len == sum(map(len, chain.readable))
+            assert chain.writable_len == sum(map(len, chain.writable))
+            assert len(chain.readable) + len(chain.writable) <= size + MAX_INDIRECT_DESCRIPTORS
+            assert all(any(v.obj is m for m in memory) for v in chain.readable + chain.writable)
+            assert_views(chain)
+            vq.push(chain.head, r.choice([0, chain.writable_len]))

@@ -647,7 +647,8 @@ class FuseServer:
         (v, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
          _) = fuse.fuse_setattr_in.flat_unpack_from(args)
         V = _V
-        if (v & V.UID and uid == _NO_ID) or (v & V.GID and gid == _NO_ID):
+        if (uid == _NO_ID or gid == _NO_ID) and (
+                v & V.UID and uid == _NO_ID or v & V.GID and gid == _NO_ID):
             # chown(2)'s "leave unchanged", which the guest's VFS turns into no
             # ATTR_UID/ATTR_GID before any filesystem sees it: never an owner.
             raise OSError(errno.EINVAL, "SETATTR to owner or group (u32)-1")

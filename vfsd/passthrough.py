@@ -226,6 +226,7 @@ class PassthroughFs:
         self._by_id[ROOT_ID] = root
         self._by_key[root.key] = root
         self._syncfs_fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._closed = False
         self._root_path = os.readlink(proc_fd(fd).encode())
         self._fine_ctime = self._probe_fine_ctime()
 
@@ -1425,7 +1426,11 @@ class PassthroughFs:
                               flags)
 
     def close(self) -> None:
-        """Release every fd (for tests and embedding; the daemon just exits)."""
+        """Release every fd (for tests and embedding; the daemon just exits).
+        Once: a second close would close fd numbers reused by then."""
+        if self._closed:
+            return
+        self._closed = True
         self.destroy()
         for fd in (self._by_id[ROOT_ID].fd, self._syncfs_fd):
             os.close(fd)

@@ -179,8 +179,21 @@ def make_share(root):
         (root / f"file-{i:04d}").write_bytes(b"x" * i)
 
 
+#: Sessions of the running test, closed after it (their node fds would pile
+#: up over the suite otherwise).
+_sessions: list = []
+
+
+@pytest.fixture(autouse=True)
+def close_sessions():
+    yield
+    while _sessions:
+        _sessions.pop().close()
+
+
 def session(root, layout, readahead=True):
     s = Session(root, layout)
+    _sessions.append(s)
     s.server = FuseServer(s.fs, SessionOptions(readdirplus_readahead=readahead))
     s.unique = 0
     assert s.call(fuse.Opcode.INIT, 0, fuse.fuse_init_in.pack(

@@ -57,6 +57,12 @@ class Session:
         assert oh.unique == self.unique and oh.len == n
         return -oh.error, bytes(buf[16:n])
 
+    def close(self):
+        """Unmount (DESTROY ends the session's listings too) and close the fds."""
+        if self.server.initialized:
+            self.call(fuse.Opcode.DESTROY, 1)
+        self.fs.close()
+
     def ok(self, *a, **kw):
         err, body = self.call(*a, **kw)
         assert err == 0, os.strerror(err)
@@ -69,7 +75,9 @@ class Session:
 @pytest.fixture(params=["reader", "views"])
 def s(tmp_path, request):
     (tmp_path / "share").mkdir()
-    return Session(tmp_path / "share", request.param)
+    session = Session(tmp_path / "share", request.param)
+    yield session
+    session.close()   # (the node fds would pile up over the suite otherwise)
 
 
 def record(path):

@@ -9,7 +9,8 @@ server, the reply is well-formed and every request that needs one gets one, no
 found here was a guest-controlled value the code let through to a host call),
 nothing outside the share changes, and the server still answers a plain
 LOOKUP afterwards.  The seeds are fixed, so a failure names the request that
-caused it and reproduces.
+caused it and reproduces.  Closing the filesystem afterwards closes every fd
+the requests made it open.
 """
 
 import errno
@@ -20,6 +21,7 @@ import pytest
 
 from protocol import fuse
 from protocol.buffers import Reader, Writer
+from tests.fds import open_fds
 from tests.random_requests import INIT, O, RandomRequests, outside_and_share, snapshot
 from vfsd.cli import parse_args
 from vfsd.daemon import filesystem, session_options
@@ -78,8 +80,18 @@ class InProcess:
 @pytest.mark.parametrize("seed,options", enumerate(OPTIONS, start=1))
 def test_random_requests(tmp_path, caplog, seed, options, layout):
     share, outside = outside_and_share(tmp_path)
-    before = snapshot(outside)
+    before, fds = snapshot(outside), open_fds()
     s = InProcess(share, layout, OPTIONS[options])
+    try:
+        serve_random_requests(s, seed, caplog)
+    finally:
+        s.server.fs.close()
+    assert snapshot(outside) == before
+    assert sorted(os.listdir(tmp_path)) == ["outside", "share"]
+    assert open_fds() == fds   # every fd the requests made the filesystem open is closed
+
+
+def serve_random_requests(s: InProcess, seed: int, caplog) -> None:
     assert s.call(O.INIT, 0, INIT) == 0
     gen = RandomRequests(seed)
     caplog.set_level(logging.WARNING)
@@ -100,8 +112,6 @@ def test_random_requests(tmp_path, caplog, seed, options, layout):
                     if rec.exc_info or "internal error" in rec.getMessage()]
         assert not internal, f"{where}: {internal[0]}"
         seen = len(caplog.records)
-    assert snapshot(outside) == before
-    assert sorted(os.listdir(tmp_path)) == ["outside", "share"]
     # Still serving: a LOOKUP of a file it did not make (unless the requests
     # renamed it away).
     assert s.call(O.LOOKUP, 1, b"f\0") in (0, errno.ENOENT)

@@ -62,7 +62,9 @@ def srv(tmp_path):
     share = tmp_path / "share"
     share.mkdir()
     (share / "f").write_bytes(b"data")
-    return Server(share)
+    server = Server(share)
+    yield server
+    server.fs.close()
 
 
 def lookup_parts(name=b"f\0", **kw):

@@ -47,7 +47,8 @@ def _loff(v: int) -> int:
     which its VFS never lets go negative before a filesystem sees it
     (rw_verify_area, vfs_fallocate, do_truncate, generic_copy_file_checks).
     One at 2^63 or above would reach the host negative, where preadv2(2) and
-    pwritev2(2) take -1 as "the fd's own position": refused, as those would."""
+    pwritev2(2) take -1 as "the fd's own position": EINVAL, which the guest's
+    VFS and the host give any other negative offset."""
     if v >= 1 << 63:
         raise OSError(errno.EINVAL, f"offset or length {v} is negative as loff_t")
     return v

@@ -83,6 +83,11 @@ class Opcode(enum.IntEnum):
     STATX = 52
 
 
+#: Requests that get no reply at all (fuse.h: FORGET, BATCH_FORGET; an
+#: INTERRUPT is answered through the request it interrupts).
+NO_REPLY = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
+
+
 class InitFlag(enum.IntFlag):
     """fuse_init_in/out `flags`, with `flags2` shifted up by 32 (FUSE_INIT_EXT)."""
 

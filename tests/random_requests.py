@@ -23,9 +23,6 @@ import stat
 from protocol import fuse
 
 O = fuse.Opcode
-#: What gets no reply at all (fuse.h: FORGET, BATCH_FORGET; an INTERRUPT is
-#: answered through the request it interrupts).
-NO_REPLY = frozenset({O.FORGET, O.BATCH_FORGET, O.INTERRUPT})
 
 # opcode -> (argument struct or None, what follows it)
 SHAPES = {
@@ -210,7 +207,7 @@ class RandomRequests:
         if not reply:
             # Only what gets no reply, or what has no room for one (logged), is
             # left unanswered: the guest would wait for the rest forever.
-            assert opcode in NO_REPLY or room < 16, (opcode, room)
+            assert opcode in fuse.NO_REPLY or room < 16, (opcode, room)
             return
         assert 16 <= len(reply) <= room
         oh = fuse.fuse_out_header.unpack(reply[:16])

@@ -69,9 +69,7 @@ _unpack_in_header_from = fuse.fuse_in_header.flat_unpack_from
 _pack_entry_out = fuse.fuse_entry_out.flat_pack
 _DEBUG = logging.DEBUG
 
-# Opcodes whose requests get no reply at all (fuse.h: FORGET, BATCH_FORGET;
-# an INTERRUPT is answered through the request it interrupts).
-NO_REPLY = frozenset({fuse.Opcode.FORGET, fuse.Opcode.BATCH_FORGET, fuse.Opcode.INTERRUPT})
+NO_REPLY = fuse.NO_REPLY
 
 # Opcodes that change nothing a directory listing shows (names, attributes,
 # the guest's owner and mode); every other request moves the server's

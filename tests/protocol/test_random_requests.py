@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import fuse
-from tests.random_requests import INIT, O, RandomRequests, outside_and_share, snapshot
+from tests.fuse_client import next_unique
+from tests.random_requests import O, RandomRequests, outside_and_share, snapshot
 
 from .conftest import assert_serving
 
@@ -52,25 +52,17 @@ def rooms(r, room: int) -> list[int]:
     return [a, b - a, room - b]
 
 
-def init(q, unique: int) -> int:
-    """FUSE_INIT on queue `q`: the errno of the reply."""
-    header = fuse.fuse_in_header.pack(len=40 + len(INIT), opcode=O.INIT, unique=unique)
-    reply = q.submit([header, INIT], [16, 256]).written
-    return -fuse.fuse_out_header.unpack(reply[:16]).error
-
-
-def test_random_requests_on_the_rings(fe, daemon, workdir):
+def test_random_requests_on_the_rings(fe, client, daemon, workdir):
+    """(`client` has sent Linux's FUSE_INIT on queue 1, and sends it again after
+    a DESTROY among the random requests, as a guest does.)"""
     share, outside = outside_and_share(workdir, (daemon.uid, daemon.gid))
     before = snapshot(outside)
     gen = RandomRequests(7)
     r = gen.r
-    unique = 1
     request_q, hiprio = fe.queues[1], fe.queues[0]
-    assert init(request_q, unique) == 0
     pending: dict[int, tuple] = {}   # head -> (opcode, unique, room, request number, bytes)
 
     def complete_pending() -> None:
-        nonlocal unique
         request_q.kick()
         for u in request_q.wait_used(count=len(pending)):
             opcode, uniq, room, j, request = pending.pop(u.id)
@@ -80,11 +72,10 @@ def test_random_requests_on_the_rings(fe, daemon, workdir):
                 raise AssertionError(f"request {j} ({opcode!r}): {request!r:.300}") from e
         if gen.destroyed:
             gen.destroyed = False
-            unique += 2
-            assert init(request_q, unique) == 0
+            client.init()
 
     for i in range(REQUESTS):
-        unique += 2
+        unique = next_unique()
         opcode, request = gen.request(unique)
         if opcode in HIPRIO and r.random() < 0.5:
             # virtio_fs.c: header and arguments in one buffer, no reply buffer

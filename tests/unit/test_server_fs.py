@@ -18,18 +18,28 @@ import pytest
 from protocol import fuse
 from protocol.buffers import Reader, Writer
 from vfsd import ownership
+from vfsd.cli import parse_args
+from vfsd.daemon import filesystem, session_options
 from vfsd.fsapi import Ctx
 from vfsd.passthrough import PassthroughFs
 from vfsd import server as server_mod
-from vfsd.server import NO_REPLY, FuseServer
+from vfsd.server import FuseServer
 
 UID, GID = 1234, 5678
 
 
 class Session:
-    def __init__(self, root, layout="reader"):
-        self.fs = PassthroughFs(str(root))
-        self.server = FuseServer(self.fs)
+    def __init__(self, root, layout="reader", options: tuple[str, ...] | None = None):
+        """`options`: vfsd's command line for the filesystem and the session
+        (None: PassthroughFs's and FuseServer's own defaults)."""
+        if options is None:
+            self.fs = PassthroughFs(str(root))
+            self.server = FuseServer(self.fs)
+        else:
+            config = parse_args(["--shared-dir", str(root), "--socket-path", "/nonexistent",
+                                 *options])
+            self.fs = filesystem(config)
+            self.server = FuseServer(self.fs, session_options(config))
         self.layout = layout
         self.unique = 0
         err, body = self.call(fuse.Opcode.INIT, 0, fuse.fuse_init_in.pack(
@@ -42,20 +52,30 @@ class Session:
         payload = args + b"".join(extra)
         hdr = fuse.fuse_in_header.pack(len=40 + len(payload), opcode=opcode,
                                        unique=self.unique, nodeid=nodeid, uid=uid, gid=gid)
-        buf = bytearray(out)
-        if self.layout == "reader":
-            n = self.server.handle(Reader([memoryview(hdr + payload)]), Writer([memoryview(buf)]))
-        elif opcode in NO_REPLY:  # one buffer on the hiprio queue, as virtio_fs.c sends it
-            n = self.server.handle_views([memoryview(hdr + payload)], [], 40 + len(payload), 0)
-        else:  # virtio_fs_enqueue_req: header | arguments, reply header | reply arguments
-            readable = [memoryview(hdr)] + ([memoryview(payload)] if payload else [])
-            writable = [memoryview(buf)[:16], memoryview(buf)[16:]]
-            n = self.server.handle_views(readable, writable, 40 + len(payload), len(buf))
-        if n == 0:
+        # (views: a replyless request comes as one buffer on the hiprio queue)
+        reply = self.raw(hdr + payload, 0 if self.layout == "views"
+                         and opcode in fuse.NO_REPLY else out)
+        if not reply:
             return None, b""
-        oh = fuse.fuse_out_header.unpack(bytes(buf[:16]))
-        assert oh.unique == self.unique and oh.len == n
-        return -oh.error, bytes(buf[16:n])
+        oh = fuse.fuse_out_header.unpack(reply[:16])
+        assert oh.unique == self.unique and oh.len == len(reply)
+        return -oh.error, reply[16:]
+
+    def raw(self, request: bytes, room: int) -> bytes:
+        """`request` (fuse_in_header and the rest, whatever its fields say) with
+        `room` bytes for the reply: the bytes the server wrote."""
+        buf = bytearray(room)
+        if self.layout == "reader":
+            n = self.server.handle(Reader([memoryview(request)]), Writer([memoryview(buf)]))
+        elif not room:   # as virtio_fs.c sends a request on the hiprio queue
+            n = self.server.handle_views([memoryview(request)], [], len(request), 0)
+        else:  # virtio_fs_enqueue_req: header | arguments, reply header | reply arguments
+            readable = [memoryview(request[:40])] + (
+                [memoryview(request[40:])] if len(request) > 40 else [])
+            writable = ([memoryview(buf)[:16], memoryview(buf)[16:]] if room > 16
+                        else [memoryview(buf)])
+            n = self.server.handle_views(readable, writable, len(request), room)
+        return bytes(buf[:n])
 
     def close(self):
         """Unmount (DESTROY ends the session's listings too) and close the fds."""

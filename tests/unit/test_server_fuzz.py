@@ -19,13 +19,10 @@ import os
 
 import pytest
 
-from protocol import fuse
-from protocol.buffers import Reader, Writer
 from tests.fds import open_fds
 from tests.random_requests import INIT, O, RandomRequests, outside_and_share, snapshot
-from vfsd.cli import parse_args
-from vfsd.daemon import filesystem, session_options
-from vfsd.server import FuseServer
+
+from .test_server_fs import Session
 
 REQUESTS = 1500  # per seed and entry point: ~0.1 s
 
@@ -43,56 +40,24 @@ OPTIONS = {
 }
 
 
-class InProcess:
-    """A FuseServer over the share, given vfsd's command line `options`."""
-
-    def __init__(self, share, layout: str, options: tuple[str, ...]):
-        config = parse_args(["--shared-dir", str(share), "--socket-path", "/nonexistent",
-                             *options])
-        self.server = FuseServer(filesystem(config), session_options(config))
-        self.layout = layout
-        self.unique = 0
-
-    def send(self, request: bytes, room: int) -> bytes:
-        """One request; the bytes the server wrote."""
-        if self.layout == "reader":
-            out = bytearray(room)
-            n = self.server.handle(Reader([memoryview(request)]), Writer([memoryview(out)]))
-        else:   # fuse_in_header | arguments, fuse_out_header | reply arguments
-            readable = [memoryview(bytearray(request[:40]))] + (
-                [memoryview(bytearray(request[40:]))] if len(request) > 40 else [])
-            bufs = [bytearray(16), bytearray(room - 16)] if room > 16 else [bytearray(room)]
-            n = self.server.handle_views(readable, [memoryview(b) for b in bufs], len(request),
-                                         room)
-            out = b"".join(bufs)
-        return bytes(out[:n])
-
-    def call(self, opcode, nodeid, args=b"") -> int:
-        """A well-formed request with room for any reply: its errno."""
-        self.unique += 1
-        reply = self.send(fuse.fuse_in_header.pack(len=40 + len(args), opcode=opcode,
-                                                   unique=self.unique, nodeid=nodeid) + args,
-                          4096)
-        return -fuse.fuse_out_header.unpack(reply[:16]).error
-
-
 @pytest.mark.parametrize("layout", ["reader", "views"])
 @pytest.mark.parametrize("seed,options", enumerate(OPTIONS, start=1))
 def test_random_requests(tmp_path, caplog, seed, options, layout):
     share, outside = outside_and_share(tmp_path)
     before, fds = snapshot(outside), open_fds()
-    s = InProcess(share, layout, OPTIONS[options])
+    s = Session(share, layout, OPTIONS[options])
     try:
         serve_random_requests(s, seed, caplog)
     finally:
-        s.server.fs.close()
+        s.close()
     assert snapshot(outside) == before
     assert sorted(os.listdir(tmp_path)) == ["outside", "share"]
     assert open_fds() == fds   # every fd the requests made the filesystem open is closed
 
 
-def serve_random_requests(s: InProcess, seed: int, caplog) -> None:
-    assert s.call(O.INIT, 0, INIT) == 0
+def serve_random_requests(s: Session, seed: int, caplog) -> None:
+    # INIT again, offering every feature of flags2 too (FUSE_SECURITY_CTX & co.)
+    assert s.call(O.INIT, 0, INIT)[0] == 0
     gen = RandomRequests(seed)
     caplog.set_level(logging.WARNING)
     seen = 0
@@ -102,16 +67,16 @@ def serve_random_requests(s: InProcess, seed: int, caplog) -> None:
         room = gen.room()
         where = f"seed {seed}, request {i} ({opcode!r}): {request!r:.300}"
         try:
-            gen.check_reply(opcode, s.unique, room, s.send(request, room))
+            gen.check_reply(opcode, s.unique, room, s.raw(request, room))
         except Exception as e:
             raise AssertionError(where) from e
         if gen.destroyed:
             gen.destroyed = False
-            assert s.call(O.INIT, 0, INIT) == 0
+            assert s.call(O.INIT, 0, INIT)[0] == 0
         internal = [rec.getMessage() for rec in caplog.records[seen:]
                     if rec.exc_info or "internal error" in rec.getMessage()]
         assert not internal, f"{where}: {internal[0]}"
         seen = len(caplog.records)
     # Still serving: a LOOKUP of a file it did not make (unless the requests
     # renamed it away).
-    assert s.call(O.LOOKUP, 1, b"f\0") in (0, errno.ENOENT)
+    assert s.call(O.LOOKUP, 1, b"f\0")[0] in (0, errno.ENOENT)

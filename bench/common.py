@@ -8,6 +8,7 @@ cProfile with every thread profiled (see `_PROFILE_MAIN`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -296,6 +297,55 @@ def steal_seconds() -> float:
     with open("/proc/stat") as f:
         fields = f.readline().split()
     return int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
+
+
+HOST_FS = ("disk", "tmpfs", "ext4")
+
+
+def add_host_fs_option(p) -> None:
+    """--host-fs, for a benchmark whose daemons serve a share made per run or boot."""
+    p.add_argument("--host-fs", choices=HOST_FS, default="disk",
+                   help="what each shared directory lives on: 'disk', a directory under /tmp "
+                        "(default: this host's ext4, which has no journal); 'tmpfs', a fresh "
+                        "tmpfs (Linux 6.6 for user xattrs on it); 'ext4', a fresh ext4 with a "
+                        "journal on a loop device, the host filesystem most hosts have. Both "
+                        "fresh ones are made per run, need root, and spare a run the price "
+                        "that the runs before it put on new inodes (docs/performance.md)")
+
+
+@contextlib.contextmanager
+def host_share(share: Path, host_fs: str):
+    """`share` made (an empty directory, mode 0755) on the host filesystem `host_fs` names
+    for the block, and removed after it."""
+    share.mkdir(parents=True)
+    image = share.with_name(share.name + ".ext4")
+    mounted = False
+    try:
+        if host_fs == "tmpfs":
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "vfsd-bench",
+                            str(share)], check=True)
+            mounted = True
+        elif host_fs == "ext4":
+            # Without a journal, ext4's inode allocator passes over every inode deleted in
+            # the last minutes (recently_deleted()), at up to ~1 ms per new file here after
+            # a run's deletions; with one (the usual host) it does not.  The inode tables
+            # are written now, not by a lazy-init thread during the run.
+            with open(image, "wb") as f:
+                f.truncate(2 << 30)
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-E",
+                            "lazy_itable_init=0,lazy_journal_init=0", str(image)], check=True)
+            subprocess.run(["mount", "-o", "loop", str(image), str(share)], check=True)
+            mounted = True
+            (share / "lost+found").rmdir()
+        elif host_fs != "disk":
+            raise ValueError(f"unknown host filesystem {host_fs!r}")
+        os.chmod(share, 0o755)
+        yield share
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(share)], check=False)
+        shutil.rmtree(share, ignore_errors=True)
+        image.unlink(missing_ok=True)
 
 
 def add_steal_options(p, what: str) -> None:

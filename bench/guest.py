@@ -52,16 +52,15 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
-from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, add_steal_options, fmt_table,
-                     make_workdir, note, session_cpu_times, source_at, steal_seconds,
-                     within_steal)
+from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, add_host_fs_option, add_steal_options,
+                     fmt_table, host_share, make_workdir, note, session_cpu_times, source_at,
+                     steal_seconds, within_steal)
 from .tarball import make_tarball
 
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
@@ -305,20 +304,9 @@ def run_backend(backend: str, kernel: Kernel, script: str, files: dict, workdir:
                 profile_top: int = 0, virtiofsd_args: list[str] = (),
                 host_fs: str = "disk", pin: tuple[set[int], set[int]] | None = None,
                 source_root: Path | None = None) -> dict:
-    share = workdir / f"share-{backend}"
-    share.mkdir()
-    if host_fs == "tmpfs":
-        # A fresh tmpfs per run: no disk, and nothing a previous run deleted
-        # makes this run's file creations dearer (docs/performance.md).
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "vfsd-bench",
-                        str(share)], check=True)
-    try:
+    with host_share(workdir / f"share-{backend}", host_fs) as share:
         return _run_backend(backend, kernel, script, files, share, workdir, timeout,
                             vfsd_args, count, profile_top, virtiofsd_args, pin, source_root)
-    finally:
-        if host_fs == "tmpfs":
-            subprocess.run(["umount", str(share)], check=False)
-        shutil.rmtree(share, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -469,11 +457,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--profile", type=int, metavar="TOP", default=0,
                    help="run vfsd under cProfile (all threads) and print its TOP functions "
                         "for the whole workload (the profiler slows vfsd 2-3x)")
-    p.add_argument("--host-fs", choices=("disk", "tmpfs"), default="disk",
-                   help="what the shared directory lives on: 'disk', a directory under /tmp "
-                        "(default), or 'tmpfs', a fresh tmpfs mounted for each run (needs "
-                        "root and Linux 6.6 for user xattrs on tmpfs): the daemons without "
-                        "the host disk's costs and their run-to-run swings")
+    add_host_fs_option(p)
     p.add_argument("--pin", nargs="?", const="auto", metavar="DAEMON/QEMU",
                    help="start vfsd and the C virtiofsd on their own CPUs and QEMU on the "
                         "others (e.g. '1/0'; alone: the last CPU for the daemon, the rest for "
@@ -493,8 +477,8 @@ def main(argv: list[str]) -> int:
                 rev and base != "vfsd"):
             p.error(f"unknown backend {b!r} (vfsd:OPTIONS runs vfsd with extra options, "
                     f"vfsd@REV vfsd's code at a git revision)")
-    if a.host_fs == "tmpfs" and os.geteuid() != 0:
-        p.error("--host-fs tmpfs mounts a tmpfs per run: run as root")
+    if a.host_fs != "disk" and os.geteuid() != 0:
+        p.error(f"--host-fs {a.host_fs} mounts a filesystem per run: run as root")
     if os.geteuid() != 0 and any(b.startswith(("virtiofsd", "9p")) for b in backends):
         note("guest: virtiofsd and 9p need root; skipping them")
         backends = [b for b in backends if not b.startswith(("virtiofsd", "9p"))]

@@ -31,6 +31,7 @@ the second is the reference of the ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,8 +41,8 @@ from pathlib import Path
 
 from tests.vm.guest import GuestFile, run_guest
 
-from .common import (VIRTIOFSD, add_steal_options, backend_daemon, fmt_table, make_workdir,
-                     note, source_at, steal_seconds, within_steal)
+from .common import (VIRTIOFSD, add_host_fs_option, add_steal_options, backend_daemon, fmt_table,
+                     host_share, make_workdir, note, source_at, steal_seconds, within_steal)
 from .guest import (PHASES, PRELUDE, SIZES, STEPS, SessionCpu, _seconds, bench_kernel,
                     parse_marks, step_lines)
 from .tarball import make_tarball
@@ -68,22 +69,20 @@ def paired_script(order: list[int], settle: float) -> str:
 
 
 def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, workdir: Path,
-             sources: dict, timeout: float) -> dict:
+             sources: dict, timeout: float, host_fs: str = "disk") -> dict:
     """One guest with both daemons; returns each backend's phases and CPU."""
     # Which daemon's device is the first (mounted by /init at /mnt) alternates by round.
     attach = backends if rnd % 2 == 0 else backends[::-1]
     daemons = {}   # started, in attach order
-    try:
+    with contextlib.ExitStack() as stack:
         for i, b in enumerate(attach):
             wd = workdir / f"b{i}"
-            share = wd / "share"
             if wd.exists():
                 shutil.rmtree(wd)
-            share.mkdir(parents=True)
+            wd.mkdir()
             os.chmod(wd, 0o755)
-            os.chmod(share, 0o755)
-            d = backend_daemon(b, wd, share, sources)
-            daemons[b] = d.__enter__()
+            share = stack.enter_context(host_share(wd / "share", host_fs))
+            daemons[b] = stack.enter_context(backend_daemon(b, wd, share, sources))
         mons = {b: SessionCpu(d.pid) for b, d in daemons.items()}
         second = str(daemons[attach[1]].socket_path).replace(",", ",,")
         # Which mount the first phase runs on: over four rounds each daemon goes first in
@@ -98,9 +97,6 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
                                                   f"tag={SECOND_TAG}"])
         wall, steal = time.monotonic() - t0, steal_seconds() - steal0
         cpu = {b: m.stop() for b, m in mons.items()}
-    finally:
-        for d in reversed(list(daemons.values())):
-            d.__exit__(None, None, None)
     ok = r.status == 0 and "@DONE" in r.output
     if not ok:
         note(f"paired: round {rnd + 1} FAILED\n{r.explain()[-6000:]}")
@@ -123,6 +119,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--settle", type=float, default=0.5,
                    help="seconds the guest waits before each timed phase (0.5)")
     add_steal_options(p, "boot")
+    add_host_fs_option(p)
     p.add_argument("--json", metavar="FILE", help="also write every round's figures as JSON")
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -137,6 +134,8 @@ def main(argv: list[str]) -> int:
             p.error(f"{b}: the C virtiofsd needs root and {VIRTIOFSD}")
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
+    if a.host_fs != "disk" and os.geteuid() != 0:
+        p.error(f"--host-fs {a.host_fs} mounts a filesystem per boot: run as root")
     kernel, why = bench_kernel()
     nsmall, tfiles, tbytes, big = SIZES["quick" if a.quick else "full"]
     tar, facts = make_tarball(tfiles, tbytes)
@@ -152,7 +151,7 @@ def main(argv: list[str]) -> int:
     files = {"/bench/src.tar": GuestFile(tar.read_bytes())}
     note(f"paired: kernel {kernel.version} ({why}); {nsmall} small files, tree of "
          f"{facts['files']} files ({facts['regular_bytes'] / 2**20:.1f} MiB), {big} MiB file; "
-         f"{' and '.join(backends)} in one guest, phase by phase")
+         f"{' and '.join(backends)} in one guest, phase by phase; shares on {a.host_fs}")
     workdir = make_workdir()
     rounds = []
     retried = 0   # boots thrown away for --max-steal
@@ -165,7 +164,7 @@ def main(argv: list[str]) -> int:
         for rnd in range(a.rounds):
             def boot():
                 info = one_boot(backends, rnd, kernel, files, script_for, workdir, sources,
-                                1200 if not a.quick else 600)
+                                1200 if not a.quick else 600, a.host_fs)
                 note(f"paired: round {rnd + 1}/{a.rounds}: {info['wall']} s wall, "
                      f"{info['steal']} s stolen by the host; first: {info['order'][0]}; " +
                      "; ".join(f"{b} {sum(info['runs'][b]['phases'].values()):.2f} s"
@@ -186,6 +185,7 @@ def main(argv: list[str]) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(dict(kernel=kernel.version, facts=facts,
                                                 small=nsmall, big_mib=big, settle=a.settle,
+                                                host_fs=a.host_fs,
                                                 rounds=rounds), indent=1))
     return 0 if all(r["ok"] for r in rounds) else 1
 

@@ -17,12 +17,15 @@ that is not being timed must not run during the other's phase.  `bench guest` ha
 pause, so its stat and `ls -ln` phases include serving the FORGETs of their own drop.
 
     python3 -m bench paired [--backends vfsd,virtiofsd] [--rounds 4] [--quick] [--settle S]
-                            [--max-steal PERCENT [--retries N]]
+                            [--max-steal PERCENT [--retries N]] [--host-fs disk|tmpfs|ext4]
 
 Both daemons of a boot meet the same slow minutes of the host, but those minutes cost more
 to the daemon that spends more CPU per request, in the phases in which the guest waits for
 one request at a time.  `--max-steal` repeats a boot in which the host took more than
-PERCENT of this machine's CPU, as `bench guest --max-steal` repeats a run.
+PERCENT of this machine's CPU, as `bench guest --max-steal` repeats a run.  `--host-fs`
+puts both shares of each boot on a fresh tmpfs or a fresh ext4 with a journal, as for
+`bench guest`; on this host's journal-less root filesystem the daemon that creates files
+first after a removal pays for the deleted inodes (docs/performance.md).
 
 Backends: vfsd, vfsd:OPTIONS, vfsd@REV[:OPTIONS], virtiofsd, virtiofsd:OPTIONS (two of them;
 the second is the reference of the ratios).

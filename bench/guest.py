@@ -2,7 +2,8 @@
 
 Backends
   vfsd       this daemon, unprivileged (user vfsd-test when run as root), records on,
-             its defaults (--cache auto, --thread-pool-size 0, log level info; no guest
+             its defaults (--cache auto, --thread-pool-size 0, --poll-max-us 300 (add
+             vfsd:--poll-max-us=0 for a vfsd that does not poll), log level info; no guest
              xattrs and no POSIX ACLs, as virtiofsd: add them with vfsd:--posix-acl)
   virtiofsd  the C virtiofsd QEMU 7.2 ships (/usr/lib/qemu/virtiofsd), as root,
              -o source=DIR -o cache=auto (its defaults otherwise: thread pool 0, no xattr)

@@ -226,6 +226,8 @@ COALESCE_SECONDS = 0.02
 #: the driver, which reclaims descriptors on the notification, keeps at least
 #: three quarters of its ring free.
 COALESCE_RING_FRACTION = 4
+#: The shortest polling window worth a turn (`_adapt_window`).
+POLL_MIN_NS = 8_000
 
 #: Requests whose reply is mandatory ("Communication" in the spec, plus those
 #: defined with a reply payload).  NEED_REPLY on them changes nothing.
@@ -288,6 +290,13 @@ class VhostUserDevice(abc.ABC):
         which serves every ring: while it runs, no other ring is served, so
         work that may block for long belongs on another thread (return None).
         """
+
+    def working_elsewhere(self) -> bool:
+        """Whether the device is running work of its own on other threads now,
+        besides the chains it completes later (which the ring layer counts).
+        The worker does not poll the rings meanwhile (`_SharedWorker`): polling
+        holds the GIL, and that work would wait for it."""
+        return False
 
     def reset(self) -> None:
         """Device reset (RESET_DEVICE, RESET_OWNER, disconnect); rings are stopped."""
@@ -721,10 +730,24 @@ class _SharedWorker:
     empty.  A driver that reclaims buffers on the used-buffer notification
     (2.7.7), sent at the end of the batch, as Linux's virtio-fs does, cannot
     refill the ring past its size meanwhile.
+
+    With `poll_max_ns`, a wait that follows a drain which served chains
+    first watches the available rings for up to a window (`_poll_rings`),
+    and sleeps in epoll only if nothing came: a guest that waits for each
+    reply before it sends the next request gets its next one served without
+    this thread's wake-up (tens of µs on a virtual machine).  The window
+    adapts to the guest's pace (`_adapt_window`), up to `poll_max_ns`.  The
+    driver still kicks (no VRING_USED_F_NO_NOTIFY: turning it off again
+    safely needs a store->load fence, see `Virtqueue.needs_notify`); the
+    kick of a chain served by polling wakes the next wait, which finds the
+    rings empty and is not followed by polling.
     """
 
-    def __init__(self, name: str = "vhost-user-rings"):
+    def __init__(self, name: str = "vhost-user-rings", *, poll_max_ns: int = 0,
+                 working_elsewhere: Callable[[], bool] = lambda: False):
         self.name = name
+        self.poll_max_ns = poll_max_ns
+        self._working_elsewhere = working_elsewhere
         self._lock = threading.Lock()
         self._picked_up = threading.Condition(self._lock)   # _seen moved
         self._rings: dict[int, Vring] = {}     # members, by queue index
@@ -817,6 +840,9 @@ class _SharedWorker:
         # ring is drained until empty after every wake-up, so a kick that
         # came during a drain is served then, or by the drain it wakes.
         kick_events = epollin | select.EPOLLET
+        poll_max = self.poll_max_ns
+        window = 0          # ns the next wait polls the rings for before it sleeps
+        idle_since = 0      # perf_counter_ns at the end of the last drain that served a chain
         changed = True
         poller: select.epoll | None = None
         held: list[Vring] = []   # rings whose drain held a notification back
@@ -859,11 +885,19 @@ class _SharedWorker:
                                   - time.monotonic())
                         wait = due if wait < 0 else min(wait, due)
                     ready = []
+                    if idle_since and window:
+                        budget = window if wait < 0 else min(window, int(wait * 1e9))
+                        ready = self._poll_rings(serving, idle_since + budget)
+                        if ready:
+                            wait = 0.0   # (take a control change with them)
+                        elif wait > 0:
+                            wait = max(0.0, wait - budget / 1e9)
                     for fd, ev in poll(wait):
                         if fd == ctl:
                             changed = True
                         elif ev & epollin:
-                            ready.append(kicks[fd])
+                            if kicks[fd] not in ready:   # (polling found it already)
+                                ready.append(kicks[fd])
                         elif ev & failed:
                             v = kicks.pop(fd)
                             log.error("queue %d: kick fd failed (poll events 0x%x); "
@@ -878,14 +912,27 @@ class _SharedWorker:
                         ready += unkicked
                     if len(ready) > 1:
                         ready.sort(key=index)
+                served = False
                 for v in ready:
+                    vq = v._vq
+                    before = vq.last_avail_idx if vq is not None else None
+                    if idle_since and not served and vq is not None and vq.avail_idx() != before:
+                        window = _adapt_window(window, time.perf_counter_ns() - idle_since,
+                                               poll_max)
                     try:
                         v._drain()
                     except Exception:  # one ring's failure is not the others'
                         log.exception("queue %d: worker failed", v.index)
                         v._mark_broken("internal error in the ring worker")
+                    if vq is not None and vq.last_avail_idx != before:
+                        served = True
                     if v._held and v not in held:
                         held.append(v)
+                if poll_max:
+                    # Only a drain that served chains is followed by polling: a
+                    # kick that came while the rings were polled wakes the next
+                    # wait at once and finds them empty.
+                    idle_since = time.perf_counter_ns() if served else 0
         except Exception:  # never let the worker die silently
             log.exception("ring worker failed")
             with self._lock:
@@ -895,6 +942,54 @@ class _SharedWorker:
         finally:
             if poller is not None:
                 poller.close()
+
+    def _poll_rings(self, rings: list[Vring], until_ns: int) -> list[Vring]:
+        """Busy-poll the available rings of `rings` until `until_ns`
+        (perf_counter_ns): the rings the driver offered chains to meanwhile,
+        or [] (none; or a control change wants the thread, or other threads
+        of the device have work).
+
+        Polling holds the GIL but for a moment per turn (`sched_yield` lets it
+        and the CPU go), and a thread waiting for the GIL gets it only after
+        the switch interval (5 ms) when its holder takes it back at once.  So
+        there is no polling while chains are in flight on the device's pool or
+        the device works on other threads (`VhostUserDevice.working_elsewhere`):
+        the worker then sleeps in epoll, without the GIL.  A control message
+        waits for the turn to end (at most `poll_max_ns`)."""
+        clock, yield_, elsewhere = time.perf_counter_ns, os.sched_yield, self._working_elsewhere
+        version = self._version
+        while True:
+            if self._version != version or elsewhere():
+                return []
+            found = []
+            for v in rings:
+                vq = v._vq
+                if vq is None:
+                    continue
+                if v._inflight:
+                    return []
+                if vq.avail_idx() != vq.last_avail_idx:
+                    found.append(v)
+            if found or clock() >= until_ns:
+                return found
+            yield_()
+
+
+def _adapt_window(window: int, gap: int, poll_max: int) -> int:
+    """The next polling window (ns) after a wait of `gap` ns for the next chain.
+
+    Polling saves the sleep and the wake-up only when the next chain comes
+    within the window; otherwise it is CPU spent for nothing.  So the window
+    doubles (up to `poll_max`) while the chains come later than it but within
+    `poll_max`, and halves (to nothing, below `POLL_MIN_NS`) when they come
+    later than `poll_max`: a guest that pauses between requests for longer
+    than that is not polled for."""
+    if gap <= window:
+        return window
+    if gap <= poll_max:
+        return min(poll_max, max(2 * window, POLL_MIN_NS))
+    window //= 2
+    return window if window >= POLL_MIN_NS else 0
 
 
 def _ring_index(vring: Vring) -> int:
@@ -917,10 +1012,13 @@ def _flush_due(held: list[Vring]) -> None:
 
 
 class VhostUserBackend:
-    """Serves one vhost-user front-end connection for a `VhostUserDevice`."""
+    """Serves one vhost-user front-end connection for a `VhostUserDevice`.
+
+    `poll_max_us`: the longest the worker polls the rings after serving
+    chains before it sleeps (0: it never polls; see `_SharedWorker`)."""
 
     def __init__(self, device: VhostUserDevice, *, max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
-                 drain_timeout: float = 30.0):
+                 drain_timeout: float = 30.0, poll_max_us: float = 0):
         n = getattr(device, "num_queues", None)
         if not isinstance(n, int) or not 1 <= n <= MAX_QUEUES:
             raise ValueError(f"device.num_queues must be an int in 1..{MAX_QUEUES}, not {n!r}")
@@ -938,7 +1036,10 @@ class VhostUserBackend:
         self.owner = False
         self.memory: GuestMemory = GuestMemory.empty()
         self.vrings = [Vring(self, i) for i in range(n)]
-        self._shared_worker = _SharedWorker()   # serves every started ring
+        # serves every started ring
+        self._shared_worker = _SharedWorker(
+            poll_max_ns=int(poll_max_us * 1000),
+            working_elsewhere=getattr(device, "working_elsewhere", lambda: False))
         self._sock: socket.socket | None = None
         self._handlers: dict[int, Callable[[_Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (INODE_FILE_HANDLES, LOG_LEVELS, MIGRATION_MODES,
+from .config import (DEFAULT_POLL_MAX_US, INODE_FILE_HANDLES, LOG_LEVELS, MIGRATION_MODES,
                      MIGRATION_ON_ERROR, SANDBOX_MODES, SECCOMP_ACTIONS, Config, ConfigError,
                      check_tag, parse_modcaps, parse_xattrmap)
 from .legacy_options import LegacyOptionError, apply_legacy_options
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="serve requests that may wait on the host's disk (data, syncs, creating and "
            "removing names) on a pool of N threads, the rest inline on the one thread that "
            "serves every queue (0: everything on that thread; default 0)")
+    G("--poll-max-us", type=_nonneg_int, default=DEFAULT_POLL_MAX_US, metavar="US",
+      help="after serving requests, watch the queues for the guest's next request for up to "
+           "US microseconds before sleeping: saves a wake-up per request, at the price of CPU "
+           "while the guest is busy with the share (the window adapts to the guest's pace, "
+           "and a guest that pauses longer is not polled for; 0: never poll; default "
+           f"{DEFAULT_POLL_MAX_US})")
     G("--readonly", action="store_true", help="refuse every change to the share (EROFS)")
 
     g = p.add_argument_group("what the guest gets")
@@ -281,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> Config | None:
     return Config(
         shared_dir=a.shared_dir, socket_path=socket_path, fd=a.fd,
         socket_group=a.socket_group, tag=tag, thread_pool_size=a.thread_pool_size,
+        poll_max_us=a.poll_max_us,
         log_level=log_level, syslog=a.syslog, cache=cache,
         timeout=getattr(a, "timeout", None), readonly=a.readonly, readdirplus=a.readdirplus,
         readdirplus_readahead=a.readdirplus_readahead,

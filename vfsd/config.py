@@ -21,6 +21,14 @@ INODE_FILE_HANDLES = ("never", "prefer", "fallback", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
 
+#: --poll-max-us: the longest the ring worker watches the queues for the guest's next
+#: request before it sleeps.  A sleeping thread's wake-up costs ~40 µs on the project's
+#: (virtual) machines, and a TCG guest's next request comes 100-300 µs after a reply.
+#: Against no polling, windows of 100, 200 and 300 µs took 1.01x, 0.90x and 0.78-0.85x
+#: of the time, and 600 µs took 0.99x of 300's for 1.2x its CPU (docs/performance.md,
+#: "Polling the queues").
+DEFAULT_POLL_MAX_US = 300
+
 #: virtio-fs tag: at most 36 bytes (virtio spec 5.11.4, struct virtio_fs_config).
 MAX_TAG_LEN = 36
 
@@ -150,6 +158,7 @@ class Config:
     socket_group: str | None = None      # chgrp the socket to this group, mode 0660
     tag: str | None = None               # accepted and checked; the tag is QEMU's (see docs)
     thread_pool_size: int = 0
+    poll_max_us: int = DEFAULT_POLL_MAX_US   # busy-poll the queues after serving (adaptive)
     num_request_queues: int = 16  # most queues we accept (GET_QUEUE_NUM - 1)
     # logging
     log_level: str = "info"

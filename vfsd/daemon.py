@@ -406,7 +406,7 @@ def run(config: Config) -> int:
         conn = accept_one(listener)
         listener.close()
         log.info("frontend connected")
-        VhostUserBackend(device).serve_connection(conn)
+        VhostUserBackend(device, poll_max_us=config.poll_max_us).serve_connection(conn)
         log.info("frontend disconnected; exiting")
         return 0
     except StartupError as e:

@@ -79,6 +79,7 @@ class ReaddirplusReadahead:
         self._batches: dict[int, _Batch] = {}  # by fh: at most one per handle
         self._last_mark: dict[int, int] = {}  # by fh: the mark after its last reply
         self._pool: ThreadPoolExecutor | None = None
+        self.making = 0  # batches being made now (on the readahead thread)
         # this session's figures, logged when it ends: replies made ahead, used, and
         # dropped by reason
         self.made = self.used = 0
@@ -104,13 +105,14 @@ class ReaddirplusReadahead:
             batch = _Batch((nodeid, fh, offset, room), self._mark())
             self._batches[fh] = batch
             self.made += 1
+            self.making += 1
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="vfsd-readahead")
             pool = self._pool
         try:
             pool.submit(self._run, ctx, batch)
         except RuntimeError:  # the interpreter is shutting down: no batch
-            batch.done.set()
+            self._made(batch)
 
     def _run(self, ctx, batch: _Batch) -> None:
         nodeid, fh, offset, room = batch.request
@@ -123,7 +125,12 @@ class ReaddirplusReadahead:
             log.debug("READDIRPLUS fh=%d offset=%d: making a batch ahead failed: %s", fh,
                       offset, e)
         finally:
-            batch.done.set()
+            self._made(batch)
+
+    def _made(self, batch: _Batch) -> None:
+        with self._lock:
+            self.making -= 1
+        batch.done.set()
 
     def _take(self, nodeid: int, fh: int, offset: int, room: int, mark: int
               ) -> tuple[bytes, int | None] | None:

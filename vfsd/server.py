@@ -584,6 +584,12 @@ class FuseServer:
         guest kernel has applied it already."""
         return umask if self.flags & _F.DONT_MASK else 0
 
+    def working_elsewhere(self) -> bool:
+        """Whether the server is doing work on a thread of its own now (a
+        READDIRPLUS batch made ahead), which a thread that keeps the GIL busy
+        would hold up."""
+        return self._readahead is not None and self._readahead.making > 0
+
     def reset(self) -> None:
         """The device was reset or the frontend left: end the session."""
         with self._lock:

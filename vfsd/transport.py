@@ -89,6 +89,9 @@ class VirtioFsDevice(VhostUserDevice):
         finally:
             vring.complete(chain, written)
 
+    def working_elsewhere(self) -> bool:
+        return self.server.working_elsewhere()
+
     def reset(self) -> None:
         log.info("device reset: ending the FUSE session")
         self.server.reset()

@@ -80,6 +80,7 @@ def test_defaults():
     assert not c.allow_direct_io and not c.allow_mmap and not c.preserve_noatime
     assert c.sandbox is None and c.seccomp is None and c.rlimit_nofile is None
     assert c.inode_file_handles == "never" and c.thread_pool_size == 0
+    assert c.poll_max_us == 300
     assert c.log_level == "info" and not c.syslog and c.record_name == "user.o"
     assert c.notes == []
 
@@ -87,6 +88,7 @@ def test_defaults():
 VALUE_OPTIONS = [
     ("--tag", "myfs", "tag", "myfs"),
     ("--thread-pool-size", "4", "thread_pool_size", 4),
+    ("--poll-max-us", "0", "poll_max_us", 0),
     ("--cache", "always", "cache", "always"),
     ("--cache", "NEVER", "cache", "never"),
     ("--cache", "none", "cache", "never"),

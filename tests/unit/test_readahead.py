@@ -75,6 +75,19 @@ def test_a_quiet_reader_gets_each_batch_made_ahead_on_a_thread_of_its_own():
     assert (ra.made, ra.used, sum(ra.dropped.values())) == (2, 1, 0)
 
 
+def test_a_batch_being_made_is_counted_until_it_is_made():
+    """`making` tells the ring worker not to poll meanwhile (it would hold the GIL up)."""
+    gate = threading.Event()
+    ra, _, _ = readahead(Maker(gate=gate))
+    ra.reply(CTX, 7, 3, 0, 4096)
+    assert ra.making == 0
+    ra.reply(CTX, 7, 3, 2, 4096)
+    assert ra.making == 1
+    gate.set()
+    made_ahead(ra, 3)
+    assert ra.making == 0
+
+
 def test_the_end_of_the_listing_is_not_read_ahead():
     def make(ctx, nodeid, fh, offset, room, nodes, mark):
         return b"last", None

@@ -128,11 +128,13 @@ def wait_fd(fd: int, timeout: float = TIMEOUT) -> bool:
 
 
 class Harness:
-    def __init__(self, device: VhostUserDevice | None = None, drain_timeout: float = 2.0):
+    def __init__(self, device: VhostUserDevice | None = None, drain_timeout: float = 2.0,
+                 poll_max_us: float = 0):
         self.device = device or EchoDevice()
         self.fe, be = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.fe.settimeout(TIMEOUT)
-        self.backend = VhostUserBackend(self.device, drain_timeout=drain_timeout)
+        self.backend = VhostUserBackend(self.device, drain_timeout=drain_timeout,
+                                        poll_max_us=poll_max_us)
         self.thread = threading.Thread(target=self.backend.serve_connection, args=(be,),
                                        daemon=True)
         self.thread.start()
@@ -1495,3 +1497,151 @@ def test_random_messages_get_exactly_one_reply_each(seed, caplog):
             h.map.close()
     assert not [rec for rec in caplog.records if rec.exc_info
                 or "internal error" in rec.getMessage()]
+
+
+# -- polling the rings (poll_max_us) ---------------------------------------------------------
+
+POLL_MAX_US = 1_000_000   # one second: the window is whatever the test's pace makes it
+PACE = 0.02               # seconds between the requests that set the window
+
+
+def paced_requests(h: Harness, n: int = 14) -> None:
+    """Kicked requests PACE apart: each wait is longer than the window until it has grown
+    past PACE (8 µs doubled 12 times is 33 ms), and shorter than the most."""
+    for i in range(n):
+        data = b"paced %d" % i
+        assert h.request(1, data) == (len(data), data)
+        time.sleep(PACE)
+
+
+def after_a_pause(h: Harness, data: bytes) -> None:
+    """A kicked request after a pause longer than the window: the worker was asleep, so
+    the kick is not left over (a kick for a chain already served by polling wakes the
+    next wait, which then serves whatever is queued)."""
+    time.sleep(0.3)
+    assert h.request(1, data) == (len(data), data)
+
+
+def unkicked(h: Harness, data: bytes, timeout: float) -> bool:
+    """Queue a chain on ring 1 without kicking: whether it is answered within `timeout`.
+    (Queued 5 ms from now: a chain queued while the worker is still in its drain, as this
+    thread can when it takes the GIL from it, is served by the drain.)"""
+    d, _, call, _ = h.rings[1]
+    time.sleep(0.005)
+    before = d.used_idx()
+    d.add([data], [64])
+    answered = wait_fd(call, timeout)
+    assert answered == (d.used_idx() != before)
+    return answered
+
+
+@pytest.mark.parametrize("device_cls", [InlineDevice, PoolDevice], ids=["inline", "async"])
+@pytest.mark.parametrize("poll_max_us", [POLL_MAX_US, 0], ids=["polling", "not polling"])
+def test_polling_answers_a_chain_queued_soon_after_a_reply_without_a_kick(device_cls,
+                                                                           poll_max_us):
+    """With polling, the worker watches the rings for a while after serving chains, so a
+    chain the driver queues then is served without its kick (which the driver still
+    sends; this one never comes).  Without polling it waits for the kick."""
+    h = Harness(device_cls(), poll_max_us=poll_max_us)
+    try:
+        h.start()
+        paced_requests(h)
+        after_a_pause(h, b"last kicked")
+        assert unkicked(h, b"unkicked", PACE / 2 if poll_max_us else 0.3) == bool(poll_max_us)
+        if not poll_max_us:
+            os.eventfd_write(h.rings[1][1], 1)
+            assert wait_fd(h.rings[1][2])
+    finally:
+        h.close()
+
+
+def test_polling_ends_with_its_window():
+    """The worker sleeps once the window has passed: a chain queued later without a kick
+    waits for its kick."""
+    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
+    try:
+        h.start()
+        paced_requests(h)
+        h.request(1, b"last kicked")
+        time.sleep(0.3)   # past the window (~33 ms), far below the most (1 s)
+        assert not unkicked(h, b"late", 0.3)
+        os.eventfd_write(h.rings[1][1], 1)
+        assert wait_fd(h.rings[1][2])
+    finally:
+        h.close()
+
+
+def test_no_polling_while_a_chain_is_in_flight():
+    """Polling holds the GIL, which the threads completing chains need: while one is in
+    flight, the worker sleeps instead."""
+    h = Harness(PoolDevice(), poll_max_us=POLL_MAX_US)
+    try:
+        h.start()
+        paced_requests(h)
+        time.sleep(0.3)  # (see after_a_pause)
+        d, kick, call, _ = h.rings[1]
+        d.add([b"HOLD"], [64])
+        os.eventfd_write(kick, 1)
+        vring, chain, _ = h.device.held.get(timeout=TIMEOUT)
+        assert not unkicked(h, b"behind the held one", 0.3)
+        vring.complete(chain, 0)
+        assert wait_fd(call)
+        os.eventfd_write(kick, 1)
+        assert wait_fd(call)
+        assert d.used_idx() == 14 + 2
+    finally:
+        h.close()
+
+
+class BusyElsewhereDevice(InlineDevice):
+    """InlineDevice whose `working_elsewhere` the test sets."""
+
+    elsewhere = False
+
+    def working_elsewhere(self) -> bool:
+        return self.elsewhere
+
+
+def test_no_polling_while_the_device_works_on_other_threads():
+    device = BusyElsewhereDevice()
+    h = Harness(device, poll_max_us=POLL_MAX_US)
+    try:
+        h.start()
+        paced_requests(h)
+        device.elsewhere = True
+        after_a_pause(h, b"last kicked")
+        assert not unkicked(h, b"unkicked", 0.3)
+        device.elsewhere = False
+        os.eventfd_write(h.rings[1][1], 1)
+        assert wait_fd(h.rings[1][2])
+    finally:
+        h.close()
+
+
+def test_stopping_a_ring_while_the_worker_polls():
+    """A ring stopped (GET_VRING_BASE) during a polling window is let go at once."""
+    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
+    try:
+        h.start()
+        paced_requests(h)
+        h.request(1, b"last kicked")
+        t = time.monotonic()
+        assert get_vring_base(h, 1) == 15
+        assert time.monotonic() - t < PACE
+        restart_ring(h, 1, 15)
+        assert h.request(1, b"again") == (5, b"again")
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("window,gap,expected", [
+    (0, 50_000, vu.POLL_MIN_NS),            # a wait within the most: start polling
+    (8_000, 50_000, 16_000),                # still too short: double
+    (200_000, 50_000, 200_000),             # the chain came within the window: keep it
+    (200_000, 250_000, 300_000),            # doubled, but never past the most
+    (300_000, 900_000, 150_000),            # a longer pause than the most: halve
+    (12_000, 900_000, 0),                   # ... to nothing below POLL_MIN_NS
+    (0, 900_000, 0),
+])
+def test_the_window_adapts_to_the_guests_pace(window, gap, expected):
+    assert vu._adapt_window(window, gap, 300_000) == expected

@@ -914,11 +914,14 @@ class _SharedWorker:
                         ready.sort(key=index)
                 served = False
                 for v in ready:
-                    vq = v._vq
-                    before = vq.last_avail_idx if vq is not None else None
-                    if idle_since and not served and vq is not None and vq.avail_idx() != before:
-                        window = _adapt_window(window, time.perf_counter_ns() - idle_since,
-                                               poll_max)
+                    # (with polling: whether the drain serves chains, and how long
+                    # the first of them kept the worker waiting)
+                    vq = v._vq if poll_max else None
+                    if vq is not None:
+                        before = vq.last_avail_idx
+                        if idle_since and not served and vq.avail_idx() != before:
+                            window = _adapt_window(window, time.perf_counter_ns() - idle_since,
+                                                   poll_max)
                     try:
                         v._drain()
                     except Exception:  # one ring's failure is not the others'

@@ -971,7 +971,8 @@ class _SharedWorker:
                     continue
                 if v._inflight:
                     return []
-                if vq.avail_idx() != vq.last_avail_idx:
+                # (a disabled or broken ring's chains wait, so they end no polling)
+                if vq.avail_idx() != vq.last_avail_idx and v.enabled and not v.broken:
                     found.append(v)
             if found or clock() >= until_ns:
                 return found

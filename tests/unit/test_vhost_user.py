@@ -1555,6 +1555,22 @@ def test_polling_answers_a_chain_queued_soon_after_a_reply_without_a_kick(device
         h.close()
 
 
+def test_a_disabled_rings_waiting_chain_does_not_end_polling():
+    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
+    try:
+        h.start()
+        h.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 0))
+        d0, kick0, call0, _ = h.rings[0]
+        d0.add([b"waits"], [8])
+        os.eventfd_write(kick0, 1)
+        paced_requests(h)
+        after_a_pause(h, b"last kicked")
+        assert unkicked(h, b"unkicked", PACE / 2)
+        assert not wait_fd(call0, 0)   # still waiting, unserved
+    finally:
+        h.close()
+
+
 def test_polling_ends_with_its_window():
     """The worker sleeps once the window has passed: a chain queued later without a kick
     waits for its kick."""

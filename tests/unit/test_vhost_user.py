@@ -1522,6 +1522,20 @@ def after_a_pause(h: Harness, data: bytes) -> None:
     assert h.request(1, data) == (len(data), data)
 
 
+def kick_and_answer(h: Harness) -> None:
+    """The kick that the chains queued without one were waiting for: they are answered."""
+    os.eventfd_write(h.rings[1][1], 1)
+    assert wait_fd(h.rings[1][2])
+
+
+@pytest.fixture
+def hp():
+    """A back-end that polls, with a device that answers inline (vfsd without a pool)."""
+    harness = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
+    yield harness
+    harness.close()
+
+
 def unkicked(h: Harness, data: bytes, timeout: float) -> bool:
     """Queue a chain on ring 1 without kicking: whether it is answered within `timeout`.
     (Queued 5 ms from now: a chain queued while the worker is still in its drain, as this
@@ -1549,42 +1563,32 @@ def test_polling_answers_a_chain_queued_soon_after_a_reply_without_a_kick(device
         after_a_pause(h, b"last kicked")
         assert unkicked(h, b"unkicked", PACE / 2 if poll_max_us else 0.3) == bool(poll_max_us)
         if not poll_max_us:
-            os.eventfd_write(h.rings[1][1], 1)
-            assert wait_fd(h.rings[1][2])
+            kick_and_answer(h)
     finally:
         h.close()
 
 
-def test_a_disabled_rings_waiting_chain_does_not_end_polling():
-    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
-    try:
-        h.start()
-        h.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 0))
-        d0, kick0, call0, _ = h.rings[0]
-        d0.add([b"waits"], [8])
-        os.eventfd_write(kick0, 1)
-        paced_requests(h)
-        after_a_pause(h, b"last kicked")
-        assert unkicked(h, b"unkicked", PACE / 2)
-        assert not wait_fd(call0, 0)   # still waiting, unserved
-    finally:
-        h.close()
+def test_a_disabled_rings_waiting_chain_does_not_end_polling(hp):
+    hp.start()
+    hp.ok(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 0))
+    d0, kick0, call0, _ = hp.rings[0]
+    d0.add([b"waits"], [8])
+    os.eventfd_write(kick0, 1)
+    paced_requests(hp)
+    after_a_pause(hp, b"last kicked")
+    assert unkicked(hp, b"unkicked", PACE / 2)
+    assert not wait_fd(call0, 0)   # still waiting, unserved
 
 
-def test_polling_ends_with_its_window():
+def test_polling_ends_with_its_window(hp):
     """The worker sleeps once the window has passed: a chain queued later without a kick
     waits for its kick."""
-    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
-    try:
-        h.start()
-        paced_requests(h)
-        h.request(1, b"last kicked")
-        time.sleep(0.3)   # past the window (~33 ms), far below the most (1 s)
-        assert not unkicked(h, b"late", 0.3)
-        os.eventfd_write(h.rings[1][1], 1)
-        assert wait_fd(h.rings[1][2])
-    finally:
-        h.close()
+    hp.start()
+    paced_requests(hp)
+    hp.request(1, b"last kicked")
+    time.sleep(0.3)   # past the window (~33 ms), far below the most (1 s)
+    assert not unkicked(hp, b"late", 0.3)
+    kick_and_answer(hp)
 
 
 def test_no_polling_while_a_chain_is_in_flight():
@@ -1628,26 +1632,21 @@ def test_no_polling_while_the_device_works_on_other_threads():
         after_a_pause(h, b"last kicked")
         assert not unkicked(h, b"unkicked", 0.3)
         device.elsewhere = False
-        os.eventfd_write(h.rings[1][1], 1)
-        assert wait_fd(h.rings[1][2])
+        kick_and_answer(h)
     finally:
         h.close()
 
 
-def test_stopping_a_ring_while_the_worker_polls():
+def test_stopping_a_ring_while_the_worker_polls(hp):
     """A ring stopped (GET_VRING_BASE) during a polling window is let go at once."""
-    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
-    try:
-        h.start()
-        paced_requests(h)
-        h.request(1, b"last kicked")
-        t = time.monotonic()
-        assert get_vring_base(h, 1) == 15
-        assert time.monotonic() - t < PACE
-        restart_ring(h, 1, 15)
-        assert h.request(1, b"again") == (5, b"again")
-    finally:
-        h.close()
+    hp.start()
+    paced_requests(hp)
+    hp.request(1, b"last kicked")
+    t = time.monotonic()
+    assert get_vring_base(hp, 1) == 15
+    assert time.monotonic() - t < PACE
+    restart_ring(hp, 1, 15)
+    assert hp.request(1, b"again") == (5, b"again")
 
 
 @pytest.mark.parametrize("window,gap,expected", [

@@ -26,7 +26,7 @@ MIGRATION_ON_ERROR = ("abort", "guest-error")
 #: (virtual) machines, and a TCG guest's next request comes 100-300 µs after a reply.
 #: Against no polling, windows of 100, 200 and 300 µs took 1.01x, 0.90x and 0.78-0.85x
 #: of the time, and 600 µs took 0.99x of 300's for 1.2x its CPU (docs/performance.md,
-#: "Polling the queues").
+#: "At bc7041a").
 DEFAULT_POLL_MAX_US = 300
 
 #: virtio-fs tag: at most 36 bytes (virtio spec 5.11.4, struct virtio_fs_config).

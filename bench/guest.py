@@ -417,6 +417,11 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
     info["steal"] = round(steal_seconds() - steal0, 2)
     info["status"] = r.status
     info["phases"] = parse_marks(r.output)
+    if r.shutdown_hung:
+        # The phases stand (the guest timed them); the wall time has the grace in it.
+        info["shutdown_hung"] = r.shutdown_stage
+        note(f"guest: {backend}: the guest's shutdown hung {r.shutdown_stage}; QEMU was "
+             f"killed {r.duration:.0f} s after it started")
     if "\n@I " in r.output:
         info["interrupts"] = parse_interrupts(r.output)
     m = re.search(r"^@MOUNTINFO (.*)$", r.output, re.M)

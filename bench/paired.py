@@ -104,9 +104,12 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
     ok = r.status == 0 and "@DONE" in r.output
     if not ok:
         note(f"paired: round {rnd + 1} FAILED\n{r.explain()[-6000:]}")
+    elif r.shutdown_hung:   # (the phases stand: the guest timed them)
+        note(f"paired: round {rnd + 1}: the guest's shutdown hung {r.shutdown_stage}")
     phases = [parse_marks(r.output, f"#{i}") for i in range(2)]
     return {"ok": ok, "wall": round(wall, 1), "steal": round(steal, 2),
             "attach": attach, "order": [attach[i] for i in order],
+            "shutdown_hung": r.shutdown_stage if r.shutdown_hung else None,
             "runs": {b: dict(phases=phases[i], **cpu[b]) for i, b in enumerate(attach)}}
 
 

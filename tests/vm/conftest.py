@@ -4,6 +4,9 @@ is missing.  Fixtures:
     vfsd           a started vfsd (unprivileged) serving vfsd.shared_dir
     guest          guest(script, **run_guest kwargs) -> GuestResult, with the vfsd device
                    mounted at /mnt (a failing test's report includes the daemon log)
+
+Every guest a test boots must also shut down: one that QEMU had to be killed for after its
+script ended (guest.SHUTDOWN_GRACE) fails the test, whatever the test asserted of the script.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm import guest as _guest
 from tests.vm.guest import GuestResult, require_guest, run_guest
 
 _HERE = Path(__file__).resolve().parent
@@ -26,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _require_guest_tools():
     require_guest()
+
+
+@pytest.fixture(autouse=True)
+def _guests_shut_down():
+    # A daemon that stops answering at the guest's umount, or when QEMU stops the device
+    # (GET_VRING_BASE), hangs QEMU's exit; most tests only look at the script's status.
+    first = len(_guest.shutdown_hangs)
+    yield
+    hung = _guest.shutdown_hangs[first:]
+    del _guest.shutdown_hangs[first:]
+    if hung:
+        pytest.fail("a guest's shutdown hung after its script ended:\n" +
+                    "\n\n".join(r.explain(20) for r in hung), pytrace=False)
 
 
 @pytest.fixture

@@ -825,6 +825,17 @@ class GuestFailure(AssertionError):
 
 _RX_END = re.compile(rb"\n" + re.escape(MARK.encode()) + rb" END status=(\d+)\r?\n")
 
+#: Seconds QEMU gets to exit once the guest's script has ended.  What is left then (kernel
+#: warnings, sync, umount, poweroff, QEMU stopping the vhost-user device) takes a few
+#: seconds; a guest still running after this is stuck, most often on a daemon that does
+#: not answer (a FUSE reply at umount, GET_VRING_BASE when QEMU stops the device), and
+#: waiting out the whole timeout would only hide that for minutes.
+SHUTDOWN_GRACE = 120.0
+
+#: Every guest run whose shutdown hung (its GuestResult), in the order they ended; the VM
+#: tests' conftest fails a test that left one here, whatever the test itself asserted.
+shutdown_hangs: list["GuestResult"] = []
+
 
 @dataclasses.dataclass
 class GuestResult:
@@ -837,7 +848,8 @@ class GuestResult:
     kernel_log: str = ""         # guest kernel messages at warning level or worse (after boot)
     umount_status: int | None = None
     powered_off: bool = False
-    timed_out: bool = False
+    timed_out: bool = False      # QEMU was killed (before or after the script ended)
+    shutdown_hung: bool = False  # ... after: the script ended, QEMU did not exit in time
     qemu_returncode: int | None = None
     qemu_pid: int | None = None
     qemu_stderr: str = ""
@@ -848,10 +860,24 @@ class GuestResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == 0
+        return self.status == 0 and not self.shutdown_hung
+
+    @property
+    def shutdown_stage(self) -> str:
+        """Where a hung shutdown stopped, by the last of /init's markers on the console."""
+        if self.powered_off:
+            return ("after the guest powered off (QEMU did not exit: stopping the "
+                    "vhost-user device waits on the daemon)")
+        if self.umount_status is not None:
+            return "between the umount and the poweroff"
+        if self.mounted:
+            return "at the sync or umount of the share (a request the daemon did not answer)"
+        return "before the poweroff"
 
     def explain(self, tail: int = 60) -> str:
-        what = ("timed out (QEMU killed)" if self.timed_out else
+        what = (f"the script ended with status {self.status}, but the guest's shutdown hung "
+                f"{self.shutdown_stage}; QEMU killed" if self.shutdown_hung else
+                "timed out (QEMU killed)" if self.timed_out else
                 "never booted to /init" if not self.booted else
                 f"mount failed: {self.mount_error}" if self.mounted is False else
                 "script did not finish" if self.status is None else
@@ -872,8 +898,9 @@ class GuestResult:
         return "\n".join(parts)
 
     def check(self, status: int = 0) -> "GuestResult":
-        """Returns self if the script exited with `status`; raises GuestFailure otherwise."""
-        if self.status != status:
+        """Returns self if the script exited with `status` and the guest then shut down;
+        raises GuestFailure otherwise."""
+        if self.status != status or self.shutdown_hung:
             raise GuestFailure(self.explain())
         return self
 
@@ -1036,27 +1063,45 @@ def _run(kernel: Kernel, boot_image: Path, script: str | None, *, socket_path, t
         out_chunks: list[bytes] = []
         err_chunks: list[bytes] = []
 
-        def pump(stream, sink: list[bytes], echo: bool) -> None:
+        end_marker = b"\n" + MARK.encode() + b" END status="
+        ended = threading.Event()   # the script's END marker has come on the console
+
+        def pump(stream, sink: list[bytes], echo: bool, watch: bool = False) -> None:
+            tail = b""   # the marker may straddle two reads
             while True:
                 chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
                 if not chunk:
                     break
                 sink.append(chunk)
+                if watch and not ended.is_set():
+                    if end_marker in tail + chunk:
+                        ended.set()
+                    tail = (tail + chunk)[-len(end_marker):]
                 if echo:
                     sys.stderr.buffer.write(chunk)
                     sys.stderr.flush()
 
-        readers = [threading.Thread(target=pump, args=(proc.stdout, out_chunks, verbose),
+        readers = [threading.Thread(target=pump, args=(proc.stdout, out_chunks, verbose, True),
                                     daemon=True),
                    threading.Thread(target=pump, args=(proc.stderr, err_chunks, verbose),
                                     daemon=True)]
         for t in readers:
             t.start()
-        timed_out = False
+        timed_out = in_grace = False
+        deadline = t0 + timeout
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            while True:
+                try:
+                    proc.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if ended.is_set() and not in_grace:
+                    in_grace = True   # the script is done: QEMU now has SHUTDOWN_GRACE
+                    deadline = min(deadline, time.monotonic() + SHUTDOWN_GRACE)
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    break
         finally:
             if proc.poll() is None:
                 try:
@@ -1069,11 +1114,15 @@ def _run(kernel: Kernel, boot_image: Path, script: str | None, *, socket_path, t
         duration = time.monotonic() - t0
     raw = b"".join(out_chunks)
     fields = parse_console(raw)
-    return GuestResult(
+    result = GuestResult(
         console=raw.decode("utf-8", "replace").replace("\r\n", "\n"),
-        timed_out=timed_out, qemu_returncode=proc.returncode, qemu_pid=proc.pid,
+        timed_out=timed_out, shutdown_hung=timed_out and fields["status"] is not None,
+        qemu_returncode=proc.returncode, qemu_pid=proc.pid,
         qemu_stderr=b"".join(err_chunks).decode("utf-8", "replace"),
         duration=duration, command=cmd, **fields)
+    if result.shutdown_hung:
+        shutdown_hangs.append(result)
+    return result
 
 
 def run_guest(script: str | None, *, socket_path: Path | str | None = None, tag: str = "myfs",
@@ -1088,7 +1137,9 @@ def run_guest(script: str | None, *, socket_path: Path | str | None = None, tag:
     gets a vhost-user-fs-pci device with `tag`, which /init mounts at /mnt unless mount=False
     (mount_opts: options for that mount).  files: extra files for the guest's rootfs.
     python: add /usr/bin/python3 (about 1 s more boot).  append: extra kernel arguments.
-    The run is killed after `timeout` seconds (then timed_out is set and status is None).
+    The run is killed after `timeout` seconds (then timed_out is set and status is None),
+    or SHUTDOWN_GRACE seconds after the script ended (then status is the script's, and
+    timed_out and shutdown_hung are set: `ok` and `check()` count that as a failure).
     """
     kernel = kernel or find_kernel()
     return _run(kernel, kernel.boot_image(), script, socket_path=socket_path,

@@ -1,12 +1,14 @@
-"""The guest machinery itself, without a vfsd device: output and exit status come back exactly,
-timeouts kill QEMU, the images are what the kernel expects."""
+"""The guest machinery itself: output and exit status come back exactly, timeouts kill QEMU,
+a shutdown that hangs on its daemon is a failure, the images are what the kernel expects."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import threading
 import time
 import zlib
 
@@ -76,6 +78,47 @@ def test_timeout_kills_qemu():
     with pytest.raises(ProcessLookupError):
         os.kill(r.qemu_pid, 0)
     assert "timed out" in r.explain()
+
+
+def test_a_shutdown_that_hangs_on_the_daemon_fails_in_the_grace(start_vfsd, monkeypatch):
+    """The script passes, then the daemon stops answering (SIGSTOP, once the script's last
+    file is there): the guest's sync and umount wait for it.  QEMU is killed
+    SHUTDOWN_GRACE after the script ended, not at the timeout, and the run is a failure
+    that says where the shutdown stopped."""
+    monkeypatch.setattr(g, "SHUTDOWN_GRACE", 5.0)
+    daemon = start_vfsd()
+    flag = daemon.shared_dir / "stop-now"
+    stopped = threading.Event()
+
+    def stop_when_flagged() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not flag.exists():
+            time.sleep(0.01)
+        if flag.exists():
+            os.killpg(daemon.proc.pid, signal.SIGSTOP)   # (its own session)
+            stopped.set()
+
+    watcher = threading.Thread(target=stop_when_flagged, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        # (the sleep gives the host time to stop the daemon before /init's sync)
+        r = run_guest("echo x > /mnt/stop-now; sleep 3; echo done", timeout=200,
+                      socket_path=daemon.socket_path)
+    finally:
+        watcher.join(timeout=1)
+        os.killpg(daemon.proc.pid, signal.SIGCONT)
+    hung = [x for x in g.shutdown_hangs if x is r]
+    for x in hung:   # this test's hang is the one expected; the conftest fails others
+        g.shutdown_hangs.remove(x)
+    assert stopped.is_set(), r.explain()
+    assert r.status == 0 and r.output == "done\n", r.explain()
+    assert r.timed_out and r.shutdown_hung and hung and not r.ok, r.explain()
+    assert not r.powered_off and r.umount_status is None
+    assert time.monotonic() - t0 < 120, "killed at the timeout, not after the grace"
+    with pytest.raises(GuestFailure) as e:
+        r.check()
+    assert "shutdown hung at the sync or umount of the share" in str(e.value)
 
 
 def test_python_layer():

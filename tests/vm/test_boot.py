@@ -81,10 +81,10 @@ def test_timeout_kills_qemu():
 
 
 def test_a_shutdown_that_hangs_on_the_daemon_fails_in_the_grace(start_vfsd, monkeypatch):
-    """The script passes, then the daemon stops answering (SIGSTOP, once the script's last
-    file is there): the guest's sync and umount wait for it.  QEMU is killed
-    SHUTDOWN_GRACE after the script ended, not at the timeout, and the run is a failure
-    that says where the shutdown stopped."""
+    """The script passes, then the daemon stops answering (SIGSTOP, a while after the
+    script's last request, a MKDIR, and before the script ends): the guest's sync and
+    umount wait for it.  QEMU is killed SHUTDOWN_GRACE after the script ended, not at the
+    timeout, and the run is a failure that says where the shutdown stopped."""
     monkeypatch.setattr(g, "SHUTDOWN_GRACE", 5.0)
     daemon = start_vfsd()
     flag = daemon.shared_dir / "stop-now"
@@ -95,6 +95,9 @@ def test_a_shutdown_that_hangs_on_the_daemon_fails_in_the_grace(start_vfsd, monk
         while time.monotonic() < deadline and not flag.exists():
             time.sleep(0.01)
         if flag.exists():
+            # The host sees the directory before the daemon has replied: give it time to.
+            # (One request, so no FLUSH or RELEASE follows it; the guest sleeps 6 s more.)
+            time.sleep(2)
             os.killpg(daemon.proc.pid, signal.SIGSTOP)   # (its own session)
             stopped.set()
 
@@ -103,10 +106,10 @@ def test_a_shutdown_that_hangs_on_the_daemon_fails_in_the_grace(start_vfsd, monk
     t0 = time.monotonic()
     try:
         # (the sleep gives the host time to stop the daemon before /init's sync)
-        r = run_guest("echo x > /mnt/stop-now; sleep 3; echo done", timeout=200,
+        r = run_guest("mkdir /mnt/stop-now; sleep 6; echo done", timeout=200,
                       socket_path=daemon.socket_path)
     finally:
-        watcher.join(timeout=1)
+        watcher.join(timeout=5)   # (not to stop the daemon after the SIGCONT)
         os.killpg(daemon.proc.pid, signal.SIGCONT)
     hung = [x for x in g.shutdown_hangs if x is r]
     for x in hung:   # this test's hang is the one expected; the conftest fails others

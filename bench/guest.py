@@ -420,6 +420,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
     if r.shutdown_hung:
         # The phases stand (the guest timed them); the wall time has the grace in it.
         info["shutdown_hung"] = r.shutdown_stage
+        info["shutdown_explain"] = r.explain(40)   # console and QEMU's stderr, for later
         note(f"guest: {backend}: the guest's shutdown hung {r.shutdown_stage}; QEMU was "
              f"killed {r.duration:.0f} s after it started")
     if "\n@I " in r.output:

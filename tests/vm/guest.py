@@ -824,6 +824,7 @@ class GuestFailure(AssertionError):
 
 
 _RX_END = re.compile(rb"\n" + re.escape(MARK.encode()) + rb" END status=(\d+)\r?\n")
+_END_LINE_MAX = len(MARK) + 32   # the longest text _RX_END matches, with room to spare
 
 #: Seconds QEMU gets to exit once the guest's script has ended.  What is left then (kernel
 #: warnings, sync, umount, poweroff, QEMU stopping the vhost-user device) takes a few
@@ -1063,20 +1064,19 @@ def _run(kernel: Kernel, boot_image: Path, script: str | None, *, socket_path, t
         out_chunks: list[bytes] = []
         err_chunks: list[bytes] = []
 
-        end_marker = b"\n" + MARK.encode() + b" END status="
-        ended = threading.Event()   # the script's END marker has come on the console
+        ended = threading.Event()   # the script's END line (_RX_END) has come on the console
 
         def pump(stream, sink: list[bytes], echo: bool, watch: bool = False) -> None:
-            tail = b""   # the marker may straddle two reads
+            tail = b""   # the END line may straddle two reads
             while True:
                 chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
                 if not chunk:
                     break
                 sink.append(chunk)
                 if watch and not ended.is_set():
-                    if end_marker in tail + chunk:
+                    if _RX_END.search(tail + chunk):
                         ended.set()
-                    tail = (tail + chunk)[-len(end_marker):]
+                    tail = (tail + chunk)[-_END_LINE_MAX:]
                 if echo:
                     sys.stderr.buffer.write(chunk)
                     sys.stderr.flush()

@@ -109,7 +109,8 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
     phases = [parse_marks(r.output, f"#{i}") for i in range(2)]
     return {"ok": ok, "wall": round(wall, 1), "steal": round(steal, 2),
             "attach": attach, "order": [attach[i] for i in order],
-            "shutdown_hung": r.explain(40) if r.shutdown_hung else None,
+            "shutdown_hung": r.shutdown_stage if r.shutdown_hung else None,
+            "shutdown_explain": r.explain(40) if r.shutdown_hung else None,
             "runs": {b: dict(phases=phases[i], **cpu[b]) for i, b in enumerate(attach)}}
 
 

@@ -9,9 +9,11 @@ cProfile with every thread profiled (see `_PROFILE_MAIN`).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -390,6 +392,14 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def median_ratio(ratios: list[float]) -> float:
+    """The median of ratios, taken in log space: for an even count, the geometric mean of the
+    middle two.  The plain median averages them, which leans above 1 when the rounds swing
+    both ways (0.5x and 2x give 1.25x) and makes a/b's median differ from 1/(b/a)'s; the
+    creating phases swing that much on this host's share (docs/performance.md)."""
+    return math.exp(statistics.median(math.log(r) for r in ratios))
 
 
 def fmt_table(headers: list[str], rows: list[list], align: str | None = None) -> str:

@@ -60,8 +60,8 @@ from pathlib import Path
 from tests.vm.guest import GuestFile, Kernel, find_kernel, run_guest
 
 from .common import (VIRTIOFSD, BenchDaemon, CVirtiofsd, add_host_fs_option, add_steal_options,
-                     fmt_table, host_share, make_workdir, note, session_cpu_times, source_at,
-                     steal_seconds, within_steal)
+                     fmt_table, host_share, make_workdir, median_ratio, note, session_cpu_times,
+                     source_at, steal_seconds, within_steal)
 from .tarball import make_tarball
 
 BACKENDS = ("vfsd", "virtiofsd", "9p", "tmpfs")
@@ -659,23 +659,39 @@ def report(runs: dict, backends: list[str], facts: dict, ref: str | None = None)
              f"better; median of {facts['repeat']}; * = guest caches dropped first; "
              f"share on {facts.get('host_fs', 'disk')}"
              + (f"; daemons on CPU {facts['pin']}" if facts.get("pin") else "") + ")")
-    return title + "\n" + fmt_table(hdr, rows) + _round_ratios(runs, backends, ref)
+    return title + "\n" + fmt_table(hdr, rows) + _round_ratios(runs, backends, ref, facts["small"])
 
 
-def _round_ratios(runs: dict, backends: list[str], ref: str | None) -> str:
-    """Each round's total against the reference's in the same round: the spread the
-    medians hide (rounds run back to back, so they share the machine's mood)."""
+def _round_ratios(runs: dict, backends: list[str], ref: str | None, nsmall: int) -> str:
+    """Each round's phases against the reference's in the same round: the spread the
+    medians hide.  A round's runs are made back to back, so they share the machine's mood
+    more than runs of different rounds do; the ratio of two medians can pair a slow run of
+    one backend with a fast run of the other (`bench paired` takes the same view)."""
     if not ref or len(runs[ref]) < 2:
         return ""
-    lines = []
+
+    def secs(phases: dict, ph: str) -> float | None:
+        return sum(phases.values()) if ph == "total" else phases.get(ph)
+
+    keys = [p for p, _ in PHASES] + ["total"]
+    hdr, cols = ["phase"], []
     for b in backends:
         if b == ref:
             continue
-        ratios = [f"{sum(x['phases'].values()) / sum(y['phases'].values()):.2f}"
-                  for x, y in zip(runs[b], runs[ref])
-                  if x["script_ok"] and y["script_ok"] and sum(y["phases"].values())]
-        lines.append(f"\n{b} / {ref}, total, round by round: {', '.join(ratios) or '-'}")
-    return "".join(lines)
+        pairs = [(x["phases"], y["phases"]) for x, y in zip(runs[b], runs[ref])
+                 if x["script_ok"] and y["script_ok"]]
+        col = []
+        for ph in keys:
+            ratios = [secs(x, ph) / secs(y, ph) for x, y in pairs if secs(x, ph) and secs(y, ph)]
+            col.append(f"{median_ratio(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+                       if ratios else "-")
+        hdr.append(f"{b} / {ref}")
+        cols.append(col)
+    labels = [label.replace("N", str(nsmall)) for _, label in PHASES] + ["total"]
+    rows = [[label, *(c[i] for c in cols)] for i, label in enumerate(labels)]
+    return ("\n\nRound by round (each run against the reference's run of the same round; "
+            "the median of the rounds' ratios, in log, then each round's):\n"
+            + fmt_table(hdr, rows, "l" * len(hdr)))
 
 
 if __name__ == "__main__":

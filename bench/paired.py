@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -46,7 +45,8 @@ from pathlib import Path
 from tests.vm.guest import GuestFile, run_guest
 
 from .common import (VIRTIOFSD, add_host_fs_option, add_steal_options, backend_daemon, fmt_table,
-                     host_share, make_workdir, note, source_at, steal_seconds, within_steal)
+                     host_share, make_workdir, median_ratio, note, source_at, steal_seconds,
+                     within_steal)
 from .guest import (PHASES, PRELUDE, SIZES, STEPS, SessionCpu, _seconds, bench_kernel,
                     parse_marks, step_lines)
 from .tarball import make_tarball
@@ -196,14 +196,6 @@ def main(argv: list[str]) -> int:
                                                 host_fs=a.host_fs,
                                                 rounds=rounds), indent=1))
     return 0 if all(r["ok"] for r in rounds) else 1
-
-
-def median_ratio(ratios: list[float]) -> float:
-    """The median of ratios, taken in log space: for an even count, the geometric mean of the
-    middle two.  The plain median averages them, which leans above 1 when the rounds swing
-    both ways (0.5x and 2x give 1.25x) and makes a/b's median differ from 1/(b/a)'s; the
-    creating phases swing that much on this host's share (docs/performance.md)."""
-    return math.exp(statistics.median(math.log(r) for r in ratios))
 
 
 def report(rounds: list[dict], backends: list[str], nsmall: int, big: int) -> str:

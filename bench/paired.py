@@ -9,7 +9,9 @@ mounted at /mnt, the second at /mnt2), and runs each phase of the workload on on
 then on the other before going on to the next phase, so the two timings of a phase are taken
 within seconds of each other, in the same guest.  Which daemon goes first alternates from
 phase to phase and from round to round, and which device is attached first from round to
-round.
+round.  The report's "second / first" column says how much the turn itself lengthened a
+phase (the daemons' difference cancelled): on this host a new file costs more right after a
+removal, and a 128 MiB write more on host memory not reused lately.
 
 Before each timed phase the guest waits `--settle` seconds (after its cache drop, if the
 phase has one): a drop evicts both mounts' inodes, and the FORGETs it sends to the daemon
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -198,6 +201,29 @@ def main(argv: list[str]) -> int:
     return 0 if all(r["ok"] for r in rounds) else 1
 
 
+def order_effect(rounds: list[dict], ph: str, a: str, ref: str) -> str:
+    """How much slower phase `ph` ran on the mount that ran it second, as a factor: the
+    geometric mean of a/ref in the boots where `a` went second over that where it went
+    first, square-rooted, which cancels the daemons' own ratio (each boot's a/ref is that
+    ratio times the turn's factor, or divided by it).  On this host the turn matters in
+    some phases: a new file costs more right after a removal, and a 128 MiB write costs
+    more on host memory not reused lately (docs/performance.md)."""
+    k = next((k for k, (name, _) in enumerate(PHASES) if name == ph), None)
+    if k is None:
+        return ""
+    groups: dict[bool, list[float]] = {True: [], False: []}
+    for r in rounds:
+        x, y = r["runs"][a]["phases"].get(ph), r["runs"][ref]["phases"].get(ph)
+        if x and y:
+            # paired_script: order[0] runs the even phases first, order[1] the odd ones
+            first = r["order"][k % 2]
+            groups[first == a].append(math.log(x / y))
+    if not groups[True] or not groups[False]:
+        return "-"
+    half = (statistics.fmean(groups[False]) - statistics.fmean(groups[True])) / 2
+    return f"{math.exp(half):.2f}x"
+
+
 def report(rounds: list[dict], backends: list[str], nsmall: int, big: int) -> str:
     ok = [r for r in rounds if r["ok"]]
     a, ref = backends
@@ -219,16 +245,18 @@ def report(rounds: list[dict], backends: list[str], nsmall: int, big: int) -> st
         mx, my = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
         ratios = sorted(x / y for x, y in pairs)
         rows.append([label, _seconds(mx), _seconds(my), f"{median_ratio(ratios):.2f}x",
-                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}"])
+                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}", order_effect(ok, ph, a, ref)])
     for key, label in (("daemon_cpu", "daemon CPU over the boot (s)"),
                        ("daemon_user", "  of which user"), ("daemon_sys", "  of which system")):
         mx = statistics.median(r["runs"][a][key] for r in ok) if ok else None
         my = statistics.median(r["runs"][ref][key] for r in ok) if ok else None
-        rows.append([label, mx, my, f"{mx / my:.2f}x" if mx is not None and my else "-", ""])
+        rows.append([label, mx, my, f"{mx / my:.2f}x" if mx is not None and my else "-", "", ""])
     steal = [r["steal"] for r in ok]
     title = (f"Paired guest benchmark: {a} and {ref} in one TCG guest, each phase on one "
              f"then the other; medians of {len(ok)} boots (steal per boot: "
              + (", ".join(f"{s:.1f}" for s in steal) or "-") + " s); * = caches dropped first")
     return title + "\n" + fmt_table(
         ["phase", f"{a} s", f"{ref} s", f"{a} / {ref} (median of the rounds' ratios, in log)",
-         "rounds' ratios, min-max"], rows)
+         "rounds' ratios, min-max", "second / first"], rows) + (
+        "\n(second / first: how many times as long a phase took on the mount that ran it "
+        "second, the daemons' own difference taken out; 1.00x when the turn does not matter)")

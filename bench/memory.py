@@ -1,6 +1,7 @@
 """Daemon memory: RSS (VmRSS, VmHWM from /proc/PID/status) and open fds while N files are
 looked up through the frontend and live, and after they were all forgotten (BATCH_FORGET on
-the hiprio queue), twice over (the second round shows whether memory is reused or leaks).
+the hiprio queue), twice over by default (`--passes N`: each later pass shows whether memory
+is reused or leaks).
 
 vfsd keeps one O_PATH fd per live node, so the daemon needs RLIMIT_NOFILE above the number of
 inodes the guest keeps referenced.  An unprivileged daemon can raise its soft limit only up to
@@ -56,11 +57,16 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=100_000, help="files to look up (100000)")
     p.add_argument("--depth", type=int, default=64, help="LOOKUPs in flight (64)")
+    p.add_argument("--passes", type=int, default=2,
+                   help="passes over all the files, each looking them up and forgetting them "
+                        "(2; more show whether RSS levels off)")
     p.add_argument("--window", type=int,
                    help="most files live at once (default: all, or what the fd limit allows)")
     p.add_argument("--inherit-limit", action="store_true",
                    help="do not raise the hard RLIMIT_NOFILE the daemon inherits")
     a = p.parse_args(argv)
+    if a.passes < 1:
+        p.error("--passes must be at least 1")
     n = a.files
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if not a.inherit_limit and hard < n + 1000:
@@ -126,7 +132,7 @@ def main(argv: list[str]) -> int:
                         break
                     last = now
 
-            for rnd in (1, 2):
+            for rnd in range(1, a.passes + 1):
                 t0, c0 = time.perf_counter(), cpu_seconds(pid)
                 looked = 0
                 for w in range(0, len(todo), window):

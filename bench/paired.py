@@ -58,6 +58,12 @@ SECOND_TAG = "bench2"
 MOUNT_POINTS = ("/mnt", "/mnt2")
 
 
+def turn(order: list, k: int) -> list:
+    """Who runs phase number `k` in which turn: `order` in the even phases, reversed in the
+    odd ones (the one rule both the script and the report's "second / first" follow)."""
+    return order if k % 2 == 0 else order[::-1]
+
+
 def paired_script(order: list[int], settle: float) -> str:
     """The workload on both mounts, phase by phase; the marks of mount i end in "#i".
     `order`: which mount goes first in the first phase (alternating after it)."""
@@ -68,7 +74,7 @@ def paired_script(order: list[int], settle: float) -> str:
         lines.append(f"W{i}={mnt}/vfsd-bench; rm -rf $W{i}; mkdir $W{i} || fail mkdir $W{i}")
     settle_line = f"usleep {int(settle * 1e6)}" if settle > 0 else ""
     for k, step in enumerate(STEPS):
-        for i in (order if k % 2 == 0 else order[::-1]):
+        for i in turn(order, k):
             lines.append(f"cd $W{i} || fail cd $W{i}")
             lines += step_lines(step, f"#{i}", settle_line)
     lines += ["cd /", 'echo "@DONE"']
@@ -201,23 +207,19 @@ def main(argv: list[str]) -> int:
     return 0 if all(r["ok"] for r in rounds) else 1
 
 
-def order_effect(rounds: list[dict], ph: str, a: str, ref: str) -> str:
+def order_effect(rounds: list[dict], k: int, ph: str, a: str, ref: str) -> str:
     """How much slower phase `ph` ran on the mount that ran it second, as a factor: the
     geometric mean of a/ref in the boots where `a` went second over that where it went
     first, square-rooted, which cancels the daemons' own ratio (each boot's a/ref is that
     ratio times the turn's factor, or divided by it).  On this host the turn matters in
     some phases: a new file costs more right after a removal, and a 128 MiB write costs
-    more on host memory not reused lately (docs/performance.md)."""
-    k = next((k for k, (name, _) in enumerate(PHASES) if name == ph), None)
-    if k is None:
-        return ""
+    more on host memory not reused lately (docs/performance.md).  `k`: the phase's number
+    in the script."""
     groups: dict[bool, list[float]] = {True: [], False: []}
     for r in rounds:
         x, y = r["runs"][a]["phases"].get(ph), r["runs"][ref]["phases"].get(ph)
         if x and y:
-            # paired_script: order[0] runs the even phases first, order[1] the odd ones
-            first = r["order"][k % 2]
-            groups[first == a].append(math.log(x / y))
+            groups[turn(r["order"], k)[0] == a].append(math.log(x / y))
     if not groups[True] or not groups[False]:
         return "-"
     half = (statistics.fmean(groups[False]) - statistics.fmean(groups[True])) / 2
@@ -228,7 +230,7 @@ def report(rounds: list[dict], backends: list[str], nsmall: int, big: int) -> st
     ok = [r for r in rounds if r["ok"]]
     a, ref = backends
     rows = []
-    for ph, label in PHASES + [("total", "total")]:
+    for k, (ph, label) in enumerate(PHASES + [("total", "total")]):
         label = label.replace("N", str(nsmall))
         if ph in ("write", "read"):
             label += f" ({big} MiB)"
@@ -245,7 +247,8 @@ def report(rounds: list[dict], backends: list[str], nsmall: int, big: int) -> st
         mx, my = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
         ratios = sorted(x / y for x, y in pairs)
         rows.append([label, _seconds(mx), _seconds(my), f"{median_ratio(ratios):.2f}x",
-                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}", order_effect(ok, ph, a, ref)])
+                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
+                     order_effect(ok, k, ph, a, ref) if ph != "total" else ""])
     for key, label in (("daemon_cpu", "daemon CPU over the boot (s)"),
                        ("daemon_user", "  of which user"), ("daemon_sys", "  of which system")):
         mx = statistics.median(r["runs"][a][key] for r in ok) if ok else None

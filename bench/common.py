@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -172,6 +173,13 @@ class BenchDaemon:
     def log_tail(self, n: int = 40) -> str:
         return self.d.log_tail(n)
 
+    def polling(self) -> str | None:
+        """How the ring worker's polling fitted the guest's pace: the figures vfsd logs
+        when the queues stop (`protocol.vhost_user.PollFigures`), one line per time they
+        stopped, or None (no polling, an older vfsd, or the queues still run)."""
+        lines = re.findall(r"ring polling this session: (.*)$", self.d.log_text(), re.M)
+        return " / ".join(lines) or None
+
 
 def small_files(directory: Path, n: int) -> None:
     """`directory` (made) with files f0..f{n-1} of 2 bytes, each with an ownership record
@@ -253,6 +261,9 @@ class CVirtiofsd:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         return None if self.proc is None else self.proc.returncode
+
+    def polling(self) -> str | None:
+        return None   # (the C daemon does not poll)
 
     def log_tail(self, n: int = 40) -> str:
         try:

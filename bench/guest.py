@@ -388,6 +388,7 @@ def _run_backend(backend: str, kernel: Kernel, script: str, files: dict, share: 
             r = _guest_on(d, pin, script, common, info)
             rc = d.wait_exit(20)
             info["daemon_exit"] = rc
+            info["polling"] = d.polling()
             if count:
                 info["requests"], info["phase_requests"] = count_requests(d.d.log_text(),
                                                                           script)
@@ -538,6 +539,8 @@ def main(argv: list[str]) -> int:
                     info["script_ok"] = "error" not in info
                     note(f"guest: {b}: {info['wall']} s wall, {info['steal']} s stolen by "
                          f"the host, phases {info['phases']}")
+                    if info.get("polling"):
+                        note(f"guest: {b}: ring polling: {info['polling']}")
                     return info
 
                 info, thrown = within_steal(run, a.max_steal, a.retries, f"guest: {b}")
@@ -557,6 +560,12 @@ def main(argv: list[str]) -> int:
     if a.max_steal is not None:
         print(f"(runs with more than {a.max_steal:g}% steal run again: "
               + (", ".join(f"{b} {n}x" for b, n in retried.items()) or "none was") + ")")
+    shares = {b: [m.group(1) for r in runs[b]
+                  if (m := re.search(r"\((\d+%)\) ended by polling", r.get("polling") or ""))]
+              for b in backends}
+    if any(shares.values()):
+        print("(waits for the guest's next request that polling ended, run by run: "
+              + "; ".join(f"{b} {', '.join(v)}" for b, v in shares.items() if v) + ")")
     if any(r.get("interrupts") for rs in runs.values() for r in rs):
         print("\n" + interrupts_report(runs, backends, nsmall))
     for b in backends:

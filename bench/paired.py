@@ -110,6 +110,7 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
                                                   f"tag={SECOND_TAG}"])
         wall, steal = time.monotonic() - t0, steal_seconds() - steal0
         cpu = {b: m.stop() for b, m in mons.items()}
+    polling = {b: d.polling() for b, d in daemons.items()}   # (logged as the queues stopped)
     ok = r.status == 0 and "@DONE" in r.output
     if not ok:
         note(f"paired: round {rnd + 1} FAILED\n{r.explain()[-6000:]}")
@@ -120,7 +121,8 @@ def one_boot(backends: list[str], rnd: int, kernel, files: dict, script_for, wor
             "attach": attach, "order": [attach[i] for i in order],
             "shutdown_hung": r.shutdown_stage if r.shutdown_hung else None,
             "shutdown_explain": r.explain(40) if r.shutdown_hung else None,
-            "runs": {b: dict(phases=phases[i], **cpu[b]) for i, b in enumerate(attach)}}
+            "runs": {b: dict(phases=phases[i], polling=polling[b], **cpu[b])
+                     for i, b in enumerate(attach)}}
 
 
 def main(argv: list[str]) -> int:
@@ -186,6 +188,10 @@ def main(argv: list[str]) -> int:
                      f"{info['steal']} s stolen by the host; first: {info['order'][0]}; " +
                      "; ".join(f"{b} {sum(info['runs'][b]['phases'].values()):.2f} s"
                                for b in backends))
+                for b in backends:
+                    if info["runs"][b]["polling"]:
+                        note(f"paired: round {rnd + 1}: {b}: ring polling: "
+                             f"{info['runs'][b]['polling']}")
                 return info
 
             # A boot made again keeps its round's attach order and phase order.

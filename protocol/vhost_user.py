@@ -229,6 +229,46 @@ COALESCE_RING_FRACTION = 4
 #: The shortest polling window worth a turn (`_adapt_window`).
 POLL_MIN_NS = 8_000
 
+
+class PollFigures:
+    """How well polling fitted the guest's pace over one run of the ring worker,
+    logged when it ends: for each wait after a drain that served chains, how the
+    next chain came.  An operator reads from it whether `--poll-max-us` suits
+    the guest (most chains found by polling), is too short (many came after the
+    window or while the window had shrunk to nothing), or is spent on a guest
+    that pauses (many came after a pause longer than the most)."""
+
+    __slots__ = ("found", "after_window", "not_polling", "after_pause", "polling_ns")
+
+    def __init__(self) -> None:
+        self.found = 0          # found by polling: no sleep, no wake-up
+        self.after_window = 0   # came after the window, within the most
+        self.not_polling = 0    # came within the most while the window was nothing
+        self.after_pause = 0    # came after a pause longer than the most
+        self.polling_ns = 0     # time spent watching the rings
+
+    def note(self, found: bool, polled: bool, paused: bool) -> None:
+        if found:
+            self.found += 1
+        elif paused:
+            self.after_pause += 1
+        elif polled:
+            self.after_window += 1
+        else:
+            self.not_polling += 1
+
+    def summary(self, poll_max_ns: int) -> str | None:
+        """The log line's text; None if no chain followed a served one."""
+        waits = self.found + self.after_window + self.not_polling + self.after_pause
+        if not waits:
+            return None
+        return (f"ring polling this session: of {waits} waits for a chain after serving, "
+                f"{self.found} ({100 * self.found / waits:.0f}%) ended by polling, "
+                f"{self.after_window} after the window, {self.not_polling} while not polling, "
+                f"{self.after_pause} after a pause longer than {poll_max_ns // 1000} us; "
+                f"{self.polling_ns / 1e9:.2f} s spent polling")
+
+
 #: Requests whose reply is mandatory ("Communication" in the spec, plus those
 #: defined with a reply payload).  NEED_REPLY on them changes nothing.
 _REPLYING = frozenset({
@@ -846,12 +886,19 @@ class _SharedWorker:
         changed = True
         poller: select.epoll | None = None
         held: list[Vring] = []   # rings whose drain held a notification back
+        figures = PollFigures()
+        clock = time.perf_counter_ns
         try:
             while True:
+                found = polled = False   # (whether this wait's chains were found by polling)
                 if changed:
                     changed = False
                     serving = self._pick_up(ctl)
                     if serving is None:
+                        if poll_max:
+                            line = figures.summary(poll_max)
+                            if line:
+                                log.info("%s", line)
                         return
                     if poller is not None:
                         poller.close()
@@ -887,8 +934,12 @@ class _SharedWorker:
                     ready = []
                     if idle_since and window:
                         budget = window if wait < 0 else min(window, int(wait * 1e9))
+                        began = clock()
                         ready = self._poll_rings(serving, idle_since + budget)
+                        figures.polling_ns += clock() - began
+                        polled = True
                         if ready:
+                            found = True
                             wait = 0.0   # (take a control change with them)
                         elif wait > 0:
                             wait = max(0.0, wait - budget / 1e9)
@@ -920,8 +971,9 @@ class _SharedWorker:
                     if vq is not None:
                         before = vq.last_avail_idx
                         if idle_since and not served and vq.avail_idx() != before:
-                            window = _adapt_window(window, time.perf_counter_ns() - idle_since,
-                                                   poll_max)
+                            gap = clock() - idle_since
+                            figures.note(found, polled, gap > poll_max)
+                            window = _adapt_window(window, gap, poll_max)
                     try:
                         v._drain()
                     except Exception:  # one ring's failure is not the others'
@@ -935,7 +987,7 @@ class _SharedWorker:
                     # Only a drain that served chains is followed by polling: a
                     # kick that came while the rings were polled wakes the next
                     # wait at once and finds them empty.
-                    idle_since = time.perf_counter_ns() if served else 0
+                    idle_since = clock() if served else 0
         except Exception:  # never let the worker die silently
             log.exception("ring worker failed")
             with self._lock:

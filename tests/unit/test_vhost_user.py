@@ -13,6 +13,7 @@ import mmap
 import os
 import queue
 import random
+import re
 import select
 import socket
 import stat
@@ -1660,3 +1661,62 @@ def test_stopping_a_ring_while_the_worker_polls(hp):
 ])
 def test_the_window_adapts_to_the_guests_pace(window, gap, expected):
     assert vu._adapt_window(window, gap, 300_000) == expected
+
+
+def test_poll_figures_sort_each_wait_by_how_its_chain_came():
+    f = vu.PollFigures()
+    assert f.summary(300_000) is None   # no chain followed a served one: nothing to log
+    f.note(found=True, polled=True, paused=False)
+    f.note(found=False, polled=True, paused=False)
+    f.note(found=False, polled=False, paused=False)
+    f.note(found=False, polled=True, paused=True)    # a pause counts as one, polled or not
+    f.note(found=False, polled=False, paused=True)
+    f.polling_ns = 1_500_000_000
+    assert (f.found, f.after_window, f.not_polling, f.after_pause) == (1, 1, 1, 2)
+    assert f.summary(300_000) == (
+        "ring polling this session: of 5 waits for a chain after serving, 1 (20%) ended by "
+        "polling, 1 after the window, 1 while not polling, 2 after a pause longer than "
+        "300 us; 1.50 s spent polling")
+
+
+def test_the_worker_logs_how_polling_went_when_the_rings_stop(caplog):
+    """Each chain that follows a served one is one wait of the figures: all but the
+    first of the 16, and but one more when the rings' start-up still wakes the worker
+    (a control change ends the wait without a chain).  The unkicked chain was found by
+    polling; the kicked ones 20 ms apart came after a window still growing from 8 µs."""
+    h = Harness(InlineDevice(), poll_max_us=POLL_MAX_US)
+    try:
+        with caplog.at_level(logging.INFO, logger="protocol.vhost_user"):
+            h.start()
+            paced_requests(h)
+            after_a_pause(h, b"last kicked")
+            assert unkicked(h, b"unkicked", PACE / 2)
+            for i in (0, 1):
+                get_vring_base(h, i)
+            wait_until(lambda: any("ring polling" in r.getMessage() for r in caplog.records),
+                       "no polling figures logged when the rings stopped")
+    finally:
+        h.close()
+    (line,) = [r.getMessage() for r in caplog.records if "ring polling" in r.getMessage()]
+    m = re.search(r"of (\d+) waits .*?, (\d+) \(\d+%\) ended by polling, (\d+) after the "
+                  r"window, (\d+) while not polling, (\d+) after a pause", line)
+    assert m, line
+    waits, found, after_window, not_polling, after_pause = map(int, m.groups())
+    assert waits == found + after_window + not_polling + after_pause
+    assert 14 + 1 + 1 - 2 <= waits <= 14 + 1 + 1 - 1, line
+    assert found >= 1 and after_window >= 1, line
+
+
+def test_a_worker_that_never_polls_logs_no_polling_figures(caplog):
+    h = Harness(InlineDevice(), poll_max_us=0)
+    try:
+        with caplog.at_level(logging.INFO, logger="protocol.vhost_user"):
+            h.start()
+            paced_requests(h, 3)
+            for i in (0, 1):
+                get_vring_base(h, i)
+            wait_until(lambda: h.backend._shared_worker.thread is None,
+                       "the worker did not end when the rings stopped")
+    finally:
+        h.close()
+    assert not any("ring polling" in r.getMessage() for r in caplog.records)

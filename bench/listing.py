@@ -59,8 +59,9 @@ def one_boot(backend: str, workdir, files: int, lists: int, stat: bool = False) 
         for line in ctx.d.log_text().splitlines():
             if "READDIRPLUS readahead this session" in line:
                 note(f"listing: {backend}: {line.split(': ', 1)[1]}")
-    if ctx.polling():
-        note(f"listing: {backend}: ring polling: {ctx.polling()}")
+    polling = ctx.polling()
+    if polling:
+        note(f"listing: {backend}: ring polling: {polling}")
     return times[1:]
 
 

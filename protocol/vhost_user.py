@@ -233,10 +233,11 @@ POLL_MIN_NS = 8_000
 class PollFigures:
     """How well polling fitted the guest's pace over one run of the ring worker,
     logged when it ends: for each wait after a drain that served chains, how the
-    next chain came.  An operator reads from it whether `--poll-max-us` suits
-    the guest (most chains found by polling), is too short (many came after the
-    window or while the window had shrunk to nothing), or is spent on a guest
-    that pauses (many came after a pause longer than the most)."""
+    next chain came.  An operator reads from it whether the most (the back-end's
+    `poll_max_us`, vfsd's `--poll-max-us`) suits the guest (most chains found
+    by polling), is too short (many came after the window or while the window
+    had shrunk to nothing), or is spent on a guest that pauses (many came after
+    a pause longer than the most)."""
 
     __slots__ = ("found", "after_window", "not_polling", "after_pause", "polling_ns")
 

@@ -70,8 +70,11 @@ class ReaddirplusReadahead:
     """Answers READDIRPLUS, with the batch made ahead where it may; see the module."""
 
     def __init__(self, make: MakeBatch, forget: Callable[[list[int]], None],
-                 mark: Callable[[], int], max_age: float):
+                 mark: Callable[[], int], max_age: float, make_ahead: MakeBatch | None = None):
+        """`make_ahead`: `make` as called on the readahead's own thread, if that
+        needs anything more than a call from a request does."""
         self._make = make
+        self._make_ahead = make_ahead or make
         self._forget = forget
         self._mark = mark
         self.max_age = max_age
@@ -117,8 +120,8 @@ class ReaddirplusReadahead:
     def _run(self, ctx, batch: _Batch) -> None:
         nodeid, fh, offset, room = batch.request
         try:
-            batch.reply, batch.next_offset = self._make(ctx, nodeid, fh, offset, room,
-                                                        batch.nodes, batch.mark)
+            batch.reply, batch.next_offset = self._make_ahead(ctx, nodeid, fh, offset, room,
+                                                              batch.nodes, batch.mark)
         except Spoiled:
             pass
         except Exception as e:  # the request itself will meet (and report) it

@@ -25,6 +25,7 @@ from protocol import fuse
 from protocol.buffers import BufferError_, Reader, Writer
 
 from .fsapi import NOW, Attr, Ctx, Entry, SetAttr, new_ctx
+from .grace import DeferredClose
 from .readahead import ReaddirplusReadahead, Spoiled
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ _pack_out_header_into = fuse.fuse_out_header.flat_pack_into
 _unpack_in_header_from = fuse.fuse_in_header.flat_unpack_from
 _pack_entry_out = fuse.fuse_entry_out.flat_pack
 _DEBUG = logging.DEBUG
+_IDLE = DeferredClose.IDLE
 
 NO_REPLY = fuse.NO_REPLY
 
@@ -162,8 +164,13 @@ class FuseServer:
         self._change_marks = itertools.count(1)
         max_age = min(READAHEAD_MAX_AGE, READAHEAD_TIMEOUT_SHARE * self.opts.entry_timeout,
                       READAHEAD_TIMEOUT_SHARE * self.opts.attr_timeout)
+        # Every request, and every READDIRPLUS batch made ahead, is bracketed
+        # for the filesystem's grace: it closes fds that a running request may
+        # still use only after that request (vfsd/grace.py).
+        self._grace = getattr(fs, "grace", None) or DeferredClose()
         self._readahead = (ReaddirplusReadahead(self._plus_batch, self._forget_nodes,
-                                                lambda: self.change_mark, max_age)
+                                                lambda: self.change_mark, max_age,
+                                                self._batch_ahead)
                            if self.opts.readdirplus and self.opts.readdirplus_readahead
                            and max_age > 0 else None)
         # LOOKUP of a name that is not there: fuse_entry_out with nodeid 0 is
@@ -242,53 +249,74 @@ class FuseServer:
         the general dispatch, which with the daemon's caches cold between
         requests cost a third of a GETATTR's CPU (docs/performance.md).
         """
-        r0 = readable[0] if readable else b""
-        if len(r0) >= IN_HEADER and self.initialized:
-            if len(r0) > IN_HEADER:
-                args = r0[IN_HEADER:]
-            else:
-                args = readable[1] if len(readable) > 1 else b""
-            h = _unpack_in_header_from(r0)
-            length, opcode, unique, nodeid, uid, gid, pid, total_extlen, _ = h
-            handler = self._arg_handlers.get(opcode)
-            # The arguments must be all of the request by fuse_in_header.len
-            # (else `handle` judges the length; buffers past it are ignored
-            # either way), and extensions carry what only `_dispatch` reads.
-            if (handler is not None and length == IN_HEADER + len(args)
-                    and not total_extlen and not log.isEnabledFor(_DEBUG)):
-                if opcode in NO_REPLY:
-                    self._no_reply(handler, opcode, h, args)
-                    return 0
-                if 1 <= len(writable) <= 2 and len(writable[0]) == OUT_HEADER:
-                    # The reply: its arguments go to the second writable
-                    # buffer, the header to the first.  (Here, not in a
-                    # method of its own: a call is a sizeable part of a
-                    # request's CPU; docs/performance.md.)
-                    # The caller is most often the one of the previous
-                    # request (one process at work): its Ctx is reused.
-                    ctx = self._last_ctx
-                    if ctx[2] != pid or ctx[0] != uid or ctx[1] != gid:
-                        self._last_ctx = ctx = new_ctx((uid, gid, pid, ()))
-                    try:
-                        body = handler(ctx, nodeid, args)
-                        n = len(body)
-                        room = len(writable[1]) if len(writable) == 2 else 0
-                        if n > room:
-                            error, n = self._no_room(opcode, h, n, room), 0
-                        else:
-                            if n:
-                                writable[1][:n] = body
-                            error = 0
-                    except Exception as e:
-                        error, n = self._error(e, opcode, h), 0
-                    if opcode not in _UNCHANGING:
-                        self.change_mark = next(self._change_marks)
-                    _pack_out_header_into(writable[0], 0, OUT_HEADER + n, -error, unique)
-                    return OUT_HEADER + n
-        return self.handle(Reader(readable, None, readable_len), Writer(writable, writable_len))
+        # (DeferredClose.enter and .leave, inlined: this runs per request)
+        grace = self._grace
+        try:
+            slot = grace.local.slot
+        except AttributeError:
+            slot = grace.new_slot()
+        slot.epoch = grace.epoch
+        try:
+            r0 = readable[0] if readable else b""
+            if len(r0) >= IN_HEADER and self.initialized:
+                if len(r0) > IN_HEADER:
+                    args = r0[IN_HEADER:]
+                else:
+                    args = readable[1] if len(readable) > 1 else b""
+                h = _unpack_in_header_from(r0)
+                length, opcode, unique, nodeid, uid, gid, pid, total_extlen, _ = h
+                handler = self._arg_handlers.get(opcode)
+                # The arguments must be all of the request by fuse_in_header.len
+                # (else `handle` judges the length; buffers past it are ignored
+                # either way), and extensions carry what only `_dispatch` reads.
+                if (handler is not None and length == IN_HEADER + len(args)
+                        and not total_extlen and not log.isEnabledFor(_DEBUG)):
+                    if opcode in NO_REPLY:
+                        self._no_reply(handler, opcode, h, args)
+                        return 0
+                    if 1 <= len(writable) <= 2 and len(writable[0]) == OUT_HEADER:
+                        # The reply: its arguments go to the second writable
+                        # buffer, the header to the first.  (Here, not in a
+                        # method of its own: a call is a sizeable part of a
+                        # request's CPU; docs/performance.md.)
+                        # The caller is most often the one of the previous
+                        # request (one process at work): its Ctx is reused.
+                        ctx = self._last_ctx
+                        if ctx[2] != pid or ctx[0] != uid or ctx[1] != gid:
+                            self._last_ctx = ctx = new_ctx((uid, gid, pid, ()))
+                        try:
+                            body = handler(ctx, nodeid, args)
+                            n = len(body)
+                            room = len(writable[1]) if len(writable) == 2 else 0
+                            if n > room:
+                                error, n = self._no_room(opcode, h, n, room), 0
+                            else:
+                                if n:
+                                    writable[1][:n] = body
+                                error = 0
+                        except Exception as e:
+                            error, n = self._error(e, opcode, h), 0
+                        if opcode not in _UNCHANGING:
+                            self.change_mark = next(self._change_marks)
+                        _pack_out_header_into(writable[0], 0, OUT_HEADER + n, -error, unique)
+                        return OUT_HEADER + n
+            return self._serve(Reader(readable, None, readable_len),
+                               Writer(writable, writable_len))
+        finally:
+            slot.epoch = _IDLE
+            if grace.retired:
+                grace.reclaim()
 
     def handle(self, reader: Reader, writer: Writer) -> int:
-        """Serve one request; returns the number of bytes written to `writer`.
+        """Serve one request; returns the number of bytes written to `writer`."""
+        self._grace.enter()
+        try:
+            return self._serve(reader, writer)
+        finally:
+            self._grace.leave()
+
+    def _serve(self, reader: Reader, writer: Writer) -> int:
+        """`handle`, inside the request's bracket.
 
         This runs once per request, so it works on the plain header tuple and
         looks the handler up by the raw opcode; names are only made for logs.
@@ -871,6 +899,14 @@ class FuseServer:
             out += _PAD[reclen - hdr - namelen]
             offset = d_off
         return bytes(out), None
+
+    def _batch_ahead(self, *args) -> tuple[bytes, int | None]:
+        """`_plus_batch` on the readahead's thread: a request of its own."""
+        self._grace.enter()
+        try:
+            return self._plus_batch(*args)
+        finally:
+            self._grace.leave()
 
     def _forget_nodes(self, nodes: list[int]) -> None:
         """Take back the lookups of a READDIRPLUS batch that was not sent, as

@@ -150,9 +150,19 @@ def check_shared_dir(path: str) -> None:
 #: the value that needs no support).  Each is passed when the filesystem takes it; a build
 #: whose filesystem lacks one says so, or refuses the option where ignoring it would serve
 #: the guest something else than asked (see filesystem()).
-def filesystem(config: Config, fs_class=PassthroughFs):
-    """The PassthroughFs for `config`, checked for user.* xattr support."""
-    kwargs = dict(record_name=config.record_name, uidmap=config.uidmap,
+def fd_budget(limit: int) -> int:
+    """How many of the guest's inodes may hold an O_PATH fd at once under an
+    RLIMIT_NOFILE of `limit`.  The rest of the limit is for what else takes
+    fds: the guest's open files and directories (a handle each), the fds
+    closed over the budget but not yet released (vfsd/grace.py, a sixteenth
+    of the budget at a time), the vrings' eventfds, guest memory, sockets."""
+    return max(limit - max(limit // 4, 128), 16)
+
+
+def filesystem(config: Config, fs_class=PassthroughFs, budget: int | None = None):
+    """The PassthroughFs for `config`, checked for user.* xattr support;
+    `budget`: its fd budget (PassthroughFs's `fd_budget`)."""
+    kwargs = dict(fd_budget=budget, record_name=config.record_name, uidmap=config.uidmap,
                   gidmap=config.gidmap, readonly=config.readonly,
                   posix_acl=config.posix_acl and config.xattr,
                   allow_direct_io=config.allow_direct_io,
@@ -383,15 +393,18 @@ def run(config: Config) -> int:
     try:
         check_shared_dir(config.shared_dir)
         limit = setup_rlimit_nofile(config.rlimit_nofile)
-        log.debug("RLIMIT_NOFILE %d", limit)
+        budget = fd_budget(limit)
+        log.debug("RLIMIT_NOFILE %d: at most %d inodes hold an fd", limit, budget)
         if limit < 100_000:
-            # One O_PATH fd per inode the guest has looked up: past the limit
-            # LOOKUPs fail with EMFILE (a `find` over a large tree is enough).
-            log.warning("RLIMIT_NOFILE is %d: the guest can hold at most about %d inodes "
-                        "at once; raise the hard limit (LimitNOFILE=, ulimit -Hn) for large "
-                        "shares", limit, max(limit - 100, 0))
+            # One O_PATH fd per inode the guest holds, up to the budget; past
+            # it the oldest are closed and reopened by name when used (a
+            # `find` over a large tree gets there).
+            log.info("RLIMIT_NOFILE is %d: past %d inodes held by the guest, vfsd closes the "
+                     "fds of the oldest and reopens them by name when the guest uses them; "
+                     "raise the hard limit (LimitNOFILE=, ulimit -Hn) to avoid that",
+                     limit, budget)
         apply_process_options(config)
-        fs = filesystem(config)
+        fs = filesystem(config, budget=budget)
         server = FuseServer(fs, session_options(config))
         device = VirtioFsDevice(server, num_request_queues=config.num_request_queues,
                                 thread_pool_size=config.thread_pool_size)

@@ -3,10 +3,12 @@
 Only this module makes host filesystem calls.  Rules it keeps (see
 docs/ownership.md and ../shared/design/ownership.md):
 
-* Every live node holds an O_PATH fd; every call is an `*at` call relative to
-  such an fd with a single, checked name component (`server.check_name`),
-  opened with O_NOFOLLOW, so no guest name can reach outside the shared
-  directory ('..', '/', symlinks and NUL never get that far).
+* Every live node holds an O_PATH fd (up to the fd budget: past it, the oldest
+  give theirs up and are reopened by name, see "The fd budget"); every call
+  is an `*at` call relative to such an fd with a single, checked name
+  component (`server.check_name`), opened with O_NOFOLLOW, so no guest name
+  can reach outside the shared directory ('..', '/', symlinks and NUL never
+  get that far).
 * The guest's uid/gid/mode/device number live in a record xattr on the host
   inode (`ownership.encode`); the host inode stays owned by the daemon's user
   with a safe mode (`ownership.host_mode_for`).  Objects without a valid
@@ -31,11 +33,12 @@ import stat
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from . import ownership, syscalls
 from . import posix_acl as pacl
 from .closer import FdCloser
+from .grace import DeferredClose
 from .fsapi import (Attr, Ctx, Entry, Opened, SetAttr, StatFs, new_attr,
                     new_dirent, new_entry)
 from .ownership import Record, RecordError
@@ -96,7 +99,7 @@ class Inode:
 
     __slots__ = ("nodeid", "fd", "path", "key", "nlookup", "record", "record_loaded",
                  "bad_record_logged", "retired_fds", "default", "xabsent", "seen_ctime",
-                 "live_children")
+                 "live_children", "parent", "name", "opened", "evicted")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], nlookup: int = 0):
         self.nodeid = nodeid
@@ -131,6 +134,16 @@ class Inode:
         # Whether the last LOOKUP of a name in this directory found a live
         # node (PassthroughFs.lookup: which way to look the next one up).
         self.live_children = True
+        # Where the node was last looked up, made or renamed to by the guest:
+        # the name it is reopened by once its fd was closed to stay within
+        # the fd budget (PassthroughFs._evict).  None: no name known.
+        self.parent: Inode | None = None
+        self.name: bytes | None = None
+        self.opened = 0  # open handles (a node with any keeps its fd)
+        # While the fd is closed (`fd` and `path` deleted): (the filesystem,
+        # the inode's file handle), which the reopened fd must show again;
+        # (the filesystem, None) once it cannot be reopened.
+        self.evicted: tuple[PassthroughFs, bytes | None] | None = None
 
     @property
     def lock(self) -> threading.Lock:
@@ -138,6 +151,23 @@ class Inode:
 
     def set_fd(self, fd: int) -> None:
         self.fd, self.path = fd, _proc_path(fd)
+
+
+class EvictedInode(Inode):
+    """An Inode whose fd was closed (PassthroughFs._evict): the instance's class
+    while it is evicted, so that only its attribute reads pay for the hook that
+    opens it again (a class with __getattr__ reads every attribute slower, and
+    Inode's are read on every request)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, attr: str):
+        # Only reached for a slot that is not set: `fd` and `path`, which the
+        # first use opens again by name.
+        if attr in ("fd", "path") and self.evicted is not None:
+            fd, path = self.evicted[0]._reopen(self)
+            return fd if attr == "fd" else path
+        raise AttributeError(attr)
 
 
 class Handle:
@@ -157,9 +187,12 @@ class PassthroughFs:
                  uidmap: ownership.IdMap | None = None, gidmap: ownership.IdMap | None = None,
                  key: bytes | None = None, readonly: bool = False, posix_acl: bool = True,
                  allow_direct_io: bool = False, preserve_noatime: bool = False,
-                 xattrmap: XattrMap | None = None, writeback: bool = False):
+                 xattrmap: XattrMap | None = None, writeback: bool = False,
+                 fd_budget: int | None = None):
         """`writeback`: the session offers the guest its writeback cache
-        (FUSE_WRITEBACK_CACHE), which changes how files must be opened."""
+        (FUSE_WRITEBACK_CACHE), which changes how files must be opened.
+        `fd_budget`: how many nodes may hold an O_PATH fd at once (see
+        `_evict`); None for no bound."""
         self.writeback = writeback
         self.record_name = record_name
         self._record_name_b = record_name.encode()
@@ -210,6 +243,23 @@ class PassthroughFs:
         self._lock = threading.Lock()
         # The fds of forgotten nodes are closed there (see vfsd/closer.py).
         self.closer = FdCloser()
+        # The fds of evicted nodes, closed once no request can still use them;
+        # the server brackets each request with it (vfsd/grace.py).
+        self.grace = DeferredClose()
+        if fd_budget is not None and fd_budget < 1:
+            raise ValueError(f"fd budget {fd_budget}")
+        self.fd_budget = fd_budget
+        self._open_node_fds = 0  # nodes but the root holding an fd
+        # Nodes in the order their fds were opened (the oldest are evicted
+        # first), kept from when half the budget is in use (before that a
+        # new node costs nothing more): None until then.  It may hold
+        # forgotten and evicted nodes, skipped when met, and is rebuilt when
+        # they are most of it.
+        self._fd_order: deque[Inode] | None = None
+        self._order_from = sys.maxsize if fd_budget is None else fd_budget // 2
+        self._evict_again_at = 0  # _open_node_fds at which a failed eviction is tried again
+        self._unexportable_logged = False
+        self.evictions = self.reopens = self.stale = 0
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int], Inode] = {}
         self._next_id = itertools.count(ROOT_ID + 1)
@@ -290,22 +340,37 @@ class PassthroughFs:
         return ino
 
     def _adopt(self, fd: int, st: os.stat_result, new: Record | None = None,
-               xabsent: frozenset[bytes] = _NO_NAMES) -> Inode:
+               xabsent: frozenset[bytes] = _NO_NAMES, parent: Inode | None = None,
+               name: bytes | None = None, opening: bool = False) -> Inode:
         """Enter an O_PATH fd into the table (or reuse the live node) with one lookup.
 
         `new`: the record of an object this daemon just made, and `xabsent`
         the reserved xattrs it is known not to have; the latter is only
         trusted for a node made here (a live node met by another thread's
-        LOOKUP in between may have been changed through it already)."""
+        LOOKUP in between may have been changed through it already).
+        `parent` and `name`: where the guest found or made it.  `opening`:
+        a handle of it is about to be opened (counted now, see Inode.opened)."""
         key = (st.st_dev, st.st_ino)
         with self._lock:
             ino = self._by_key.get(key)
+            revived = False
+            if ino is not None and ino.evicted is not None:
+                revived = self._revive(ino, fd)
+                if not revived:
+                    ino = None  # a stale node, out of _by_key now
             if ino is not None:
                 ino.nlookup += 1
-                os.close(fd)
+                if not revived:
+                    os.close(fd)
+                elif self._open_node_fds > self.fd_budget:
+                    self._evict()
+                if name is not None:
+                    ino.parent, ino.name = parent, name
+                ino.opened += opening
             else:
                 ino = Inode(next(self._next_id), fd, key, nlookup=1)
                 ino.xabsent = xabsent
+                ino.parent, ino.name, ino.opened = parent, name, opening
                 known = self._forgotten.pop(key, None) if self._forgotten else None
                 if new is not None:
                     ino.record, ino.record_loaded = new, True
@@ -315,6 +380,18 @@ class PassthroughFs:
                     ino.seen_ctime = known[0]
                 self._by_id[ino.nodeid] = ino
                 self._by_key[key] = ino
+                self._open_node_fds += 1
+                order = self._fd_order
+                if order is not None:
+                    # (_opened_fd, inlined: each new node)
+                    order.append(ino)
+                    if len(order) > 2 * self._open_node_fds + 1024:
+                        self._compact_order()
+                    if self._open_node_fds > self.fd_budget:
+                        self._evict()
+                elif self._open_node_fds > self._order_from:
+                    self._fd_order = deque(i for i in self._by_id.values()
+                                           if i.nodeid != ROOT_ID and i.evicted is None)
                 return ino
         if new is not None:
             with ino.lock:
@@ -329,6 +406,174 @@ class PassthroughFs:
         except BaseException:
             os.close(fd)
             raise
+
+    # ------------------------------------------------------------------
+    # The fd budget
+    # ------------------------------------------------------------------
+    # Every live node holds an O_PATH fd, and an unprivileged daemon cannot
+    # raise RLIMIT_NOFILE past its hard limit (20,000 on these machines): a
+    # guest that holds more inodes than that (a `find` over a large tree
+    # keeps them all in its caches) would get EMFILE from every LOOKUP.  So
+    # past `fd_budget` the nodes whose fds were opened longest ago give them
+    # up, and are opened again by the name the guest last used for them
+    # (their parent node's fd and their own name: an *at call as every
+    # other, never a path) the next time a request needs them.  The file
+    # handle the inode had (name_to_handle_at, which needs no privilege and
+    # holds its generation) tells whether that name still leads to it.
+    #
+    # A node keeps its fd while it has an open handle, or when no name of it
+    # is known to be right: a file with more than one link (the guest may
+    # unlink the name we know and keep using it through another), an
+    # unlinked one, one the filesystem cannot make a handle of.  Renames by
+    # the guest move the name along (`_renamed`); a name changed on the host
+    # behind the daemon's back makes the node stale (ESTALE), as the C
+    # virtiofsd's file handles would not.
+    def _evict(self) -> None:
+        """Close the fds of the nodes opened longest ago, a batch of them, down
+        to under the budget.  Caller holds _lock."""
+        budget = self.fd_budget
+        if self._open_node_fds < self._evict_again_at:
+            return  # the last try found too few to evict; wait for more nodes
+        target = budget - max(budget // 16, 1)
+        order, by_id = self._fd_order, self._by_id
+        retired: list[int] = []
+        unexportable: OSError | None = None
+        for _ in range(len(order)):
+            if self._open_node_fds <= target:
+                break
+            ino = order.popleft()
+            if by_id.get(ino.nodeid) is not ino or ino.evicted is not None:
+                continue  # forgotten, or evicted (back in the order once reopened)
+            if ino.opened or ino.parent is None:
+                order.append(ino)
+                continue
+            fd = ino.fd
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink != 1 and not (st.st_nlink and stat.S_ISDIR(st.st_mode)):
+                    order.append(ino)  # several names (or none): which one stays?
+                    continue
+                handle = syscalls.file_handle_of(fd)
+            except OSError as e:
+                unexportable = e
+                continue  # (it stays out of the order: the filesystem cannot)
+            ino.evicted = (self, handle)
+            # the class first: a reader on another thread finds the old fd (which
+            # stays open for it, vfsd/grace.py) or none and opens it again
+            ino.__class__ = EvictedInode
+            del ino.fd, ino.path
+            retired.append(fd)
+            self._open_node_fds -= 1
+        if not self.evictions and retired:
+            log.info("the guest holds more than %d inodes: closing the fds of those opened "
+                     "longest ago, to reopen by name when the guest uses them again", budget)
+        if unexportable is not None and not self._unexportable_logged:
+            self._unexportable_logged = True
+            log.warning("some inodes keep their fds over the budget of %d: %s", budget,
+                        unexportable)
+        self.evictions += len(retired)
+        self._evict_again_at = (self._open_node_fds + max(budget // 16, 1)
+                                if self._open_node_fds > target else 0)
+        self.grace.retire(retired)
+
+    def _opened_fd(self, ino: Inode) -> None:
+        """Note that `ino` holds an fd now, the newest.  Caller holds _lock."""
+        order = self._fd_order
+        order.append(ino)
+        if len(order) > 2 * self._open_node_fds + 1024:
+            self._compact_order()
+
+    def _compact_order(self) -> None:
+        """Drop forgotten and evicted nodes from the order, once they are most of
+        it (it would keep forgotten ones in memory).  Caller holds _lock."""
+        by_id = self._by_id
+        self._fd_order = deque(i for i in self._fd_order
+                               if by_id.get(i.nodeid) is i and i.evicted is None)
+
+    def _install(self, ino: Inode, fd: int) -> None:
+        """Give an evicted node its reopened fd.  Caller holds _lock."""
+        ino.set_fd(fd)
+        ino.__class__ = Inode
+        ino.evicted = None
+        self._open_node_fds += 1
+        self._opened_fd(ino)
+
+    def _revive(self, ino: Inode, fd: int) -> bool:
+        """Take `fd`, just opened by name for the evicted node's host inode number,
+        as its fd if it is still that inode (else the node is stale, out of
+        _by_key: the number was reused by another).  Caller holds _lock."""
+        try:
+            same = syscalls.file_handle_of(fd) == ino.evicted[1]
+        except OSError:
+            same = False
+        if not same:
+            self._make_stale(ino)
+            return False
+        self._install(ino, fd)
+        self.reopens += 1
+        return True
+
+    def _make_stale(self, ino: Inode) -> None:
+        ino.evicted = (self, None)
+        self.stale += 1
+        if self._by_key.get(ino.key) is ino:
+            del self._by_key[ino.key]
+
+    def _reopen(self, ino: Inode) -> tuple[int, bytes]:
+        """Open an evicted node again by its name (and its parents, the
+        evicted ones among them); its fd and path.  ESTALE if a name no longer
+        leads to the inode the node was."""
+        with self._lock:
+            if ino.evicted is None:  # another thread was first
+                return ino.fd, ino.path
+            if self._open_node_fds >= self.fd_budget:
+                self._evict()  # first: what is opened here must stay open for the caller
+            chain = []
+            node = ino
+            while node.evicted is not None:
+                if (node.evicted[1] is None or node.parent is None or node in chain
+                        or self._by_id.get(node.nodeid) is not node):
+                    raise OSError(errno.ESTALE, f"inode {ino.nodeid} cannot be reopened")
+                chain.append(node)
+                node = node.parent
+            if self._by_id.get(node.nodeid) is not node:
+                raise OSError(errno.ESTALE, f"inode {ino.nodeid}: its directory was forgotten")
+            dir_fd = node.fd
+            for node in reversed(chain):
+                try:
+                    fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dir_fd)
+                except OSError as e:
+                    fd, why = None, e.strerror
+                else:
+                    if self._revive(node, fd):
+                        dir_fd = fd
+                        continue
+                    why = "another inode has that name now"
+                    os.close(fd)
+                if node.evicted[1] is not None:
+                    self._make_stale(node)
+                log.warning("inode %d (%r) is stale: it was renamed or removed on the host "
+                            "while its fd was closed (%s)", node.nodeid,
+                            node.name.decode(errors="replace"), why)
+                raise OSError(errno.ESTALE, f"inode {node.nodeid} is no longer where it was")
+            return ino.fd, ino.path
+
+    def _renamed(self, src: Inode, name: bytes, dst: Inode, newname: bytes,
+                 exchange: bool) -> None:
+        """Move the name a node is reopened by along with a rename the guest made."""
+        moves = [(dst, newname, src, name)]
+        if exchange:
+            moves.append((src, name, dst, newname))
+        for where, now, was_in, was in moves:
+            try:
+                st = os.stat(now, dir_fd=where.fd, follow_symlinks=False)
+            except OSError:
+                continue  # changed on the host since: its own LOOKUP names it again
+            with self._lock:
+                ino = self._by_key.get((st.st_dev, st.st_ino))
+                if ino is not None and ino.parent is was_in and ino.name == was:
+                    ino.parent, ino.name = where, now
 
     def _entry(self, ino: Inode, st: os.stat_result | None = None) -> Entry:
         """The entry of a node just made or linked in its parent (never a mount
@@ -353,6 +598,8 @@ class PassthroughFs:
         if ino.nlookup > 0:
             return None
         del self._by_id[nodeid]
+        if ino.evicted is None:
+            self._open_node_fds -= 1
         if self._by_key.get(ino.key) is ino:
             del self._by_key[ino.key]
             if ino.record_loaded and ino.seen_ctime is not None:
@@ -364,9 +611,11 @@ class PassthroughFs:
 
     @staticmethod
     def _node_fds(ino: Inode) -> list[int]:
-        if ino.retired_fds:
-            return [ino.fd, *ino.retired_fds]
-        return [ino.fd]
+        """A dropped node's fds (an evicted one's own was retired when it was)."""
+        if ino.retired_fds is None and ino.evicted is None:
+            return [ino.fd]
+        fds = [] if ino.evicted is not None else [ino.fd]
+        return fds + (ino.retired_fds or [])
 
     def batch_forget(self, items) -> None:
         # One table lock for the whole batch; the fds are closed outside it,
@@ -391,6 +640,12 @@ class PassthroughFs:
             self._by_id = {ROOT_ID: root}
             self._by_key = {root.key: root}
             self._forgotten.clear()
+            self._fd_order = None
+            self._open_node_fds = self._evict_again_at = 0
+            if self.evictions:
+                log.info("fd budget this session: %d fds closed, %d reopened, %d nodes stale",
+                         self.evictions, self.reopens, self.stale)
+            self.evictions = self.reopens = self.stale = 0
         for h in handles.values():
             os.close(h.fd)
         for ino in nodes:
@@ -527,10 +782,13 @@ class PassthroughFs:
         with self._lock:
             if self._by_key.get(ino.key) is ino:
                 del self._by_key[ino.key]
-            if ino.retired_fds is None:
-                ino.retired_fds = []
-            ino.retired_fds.append(ino.fd)
-            ino.set_fd(new_fd)
+            if ino.evicted is not None:  # its fd was retired by _evict
+                self._install(ino, new_fd)
+            else:
+                if ino.retired_fds is None:
+                    ino.retired_fds = []
+                ino.retired_fds.append(ino.fd)
+                ino.set_fd(new_fd)
             ino.key = (new_st.st_dev, new_st.st_ino)
             self._by_key[ino.key] = ino
             # a new host inode, with nothing but its record
@@ -735,17 +993,20 @@ class PassthroughFs:
             os.unlink(name, dir_fd=parent.fd)
             raise
 
-    def _adopt_new(self, fd: int, rec: Record,
-                   xattrs: dict[bytes, bytes] | None) -> tuple[Inode, os.stat_result]:
+    def _adopt_new(self, fd: int, rec: Record, xattrs: dict[bytes, bytes] | None,
+                   parent: Inode | None = None, name: bytes | None = None,
+                   opening: bool = False) -> tuple[Inode, os.stat_result]:
         """Enter a just-created object, whose record and xattrs we know, into
-        the table; with its stat, which serves the reply."""
+        the table; with its stat, which serves the reply.  `parent`, `name`,
+        `opening`: as for `_adopt` (no name: an unnamed O_TMPFILE)."""
         path_fd = os.open(_proc_path(fd), os.O_PATH | os.O_CLOEXEC)
         try:
             st = os.fstat(path_fd)
         except BaseException:
             os.close(path_fd)
             raise
-        return self._adopt(path_fd, st, rec, self._absent_on_new(xattrs)), st
+        return self._adopt(path_fd, st, rec, self._absent_on_new(xattrs), parent, name,
+                           opening), st
 
     def _absent_on_new(self, xattrs: dict[bytes, bytes] | None) -> frozenset[bytes]:
         """What a new object made with `xattrs` (and its record) lacks."""
@@ -760,7 +1021,7 @@ class PassthroughFs:
         parent = self._inode(parent_id)
         fd = self._make_file(parent, name, rec, content, xattrs)
         try:
-            ino, st = self._adopt_new(fd, rec, xattrs)
+            ino, st = self._adopt_new(fd, rec, xattrs, parent, name)
         finally:
             os.close(fd)
         return self._entry(ino, st)
@@ -780,8 +1041,9 @@ class PassthroughFs:
         # of them: 4 of the 6 LOOKUPs per file), and READDIRPLUS looks up
         # every entry of a directory it has walked.  One fstatat finds such a
         # node by its host inode (which the node's open fd keeps from being
-        # freed, so its number cannot name another inode); only a node that
-        # is not live needs the open (and fstat) that enters it.  Which way
+        # freed, so its number cannot name another inode; an evicted node has
+        # no fd, so it takes the open, and `_adopt` checks its file handle);
+        # only a node that is not live needs the open (and fstat) that enters it.  Which way
         # goes first follows the listing for READDIRPLUS, and for LOOKUP what
         # the parent's last lookup found (after drop_caches, or in a `find`,
         # none of the names is live, and a stat first would be one syscall more).
@@ -795,10 +1057,14 @@ class PassthroughFs:
             with self._lock:
                 ino = self._by_key.get((st.st_dev, st.st_ino))
                 if ino is not None:
-                    ino.nlookup += 1
+                    if ino.evicted is None:
+                        ino.nlookup += 1
+                        ino.parent, ino.name = parent, name
+                    else:  # only an inode open by name again is known to be that node
+                        ino = None
         if ino is None:
             fd, st = self._open_child(parent, name)
-            ino = self._adopt(fd, st)
+            ino = self._adopt(fd, st, None, _NO_NAMES, parent, name)
             probe = ino.nlookup > 1  # (it was live after all: a hint only)
         if not listed_ino:
             parent.live_children = probe
@@ -949,7 +1215,8 @@ class PassthroughFs:
             fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=parent.fd)
             st = os.fstat(fd)
-            ino = self._adopt(fd, st, xabsent=self._absent_on_new(xattrs))
+            ino = self._adopt(fd, st, xabsent=self._absent_on_new(xattrs), parent=parent,
+                              name=name)
             with ino.lock:
                 for xname, xvalue in xattrs.items():
                     self._xset(ino, xname, xvalue)
@@ -983,6 +1250,8 @@ class PassthroughFs:
             syscalls.renameat2(src.fd, name, dst.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        if self.fd_budget is not None:
+            self._renamed(src, name, dst, newname, bool(flags & syscalls.RENAME_EXCHANGE))
 
     def _rename_whiteout(self, ctx: Ctx, src: Inode, name: bytes, dst: Inode, newname: bytes,
                          flags: int) -> None:
@@ -1041,11 +1310,30 @@ class PassthroughFs:
     # ------------------------------------------------------------------
     # Operations: files
     # ------------------------------------------------------------------
-    def _new_handle(self, fd: int, nodeid: int, is_dir: bool = False) -> int:
+    def _new_handle(self, fd: int, nodeid: int, is_dir: bool = False,
+                    counted: bool = False) -> int:
+        """Register an open fd of the node as a handle, which keeps the node's
+        own fd open too (Inode.opened) - `counted`: already counted."""
         with self._lock:
             fh = next(self._next_fh)
             self._handles[fh] = Handle(fd, nodeid, is_dir)
+            ino = self._by_id.get(nodeid)
+            if ino is not None and not counted:
+                ino.opened += 1
+        if ino is not None and ino.evicted is not None:
+            ino.fd  # evicted just before: opened again, and kept open now
         return fh
+
+    def _closed_handle(self, fh: int, what: str) -> Handle:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h is not None:
+                ino = self._by_id.get(h.nodeid)
+                if ino is not None and ino.opened:
+                    ino.opened -= 1
+        if h is None:
+            raise OSError(errno.EBADF, f"unknown {what} handle {fh}")
+        return h
 
     def _handle(self, fh: int, is_dir: bool = False) -> Handle:
         h = self._handles.get(fh)
@@ -1102,17 +1390,23 @@ class PassthroughFs:
                 self.forget(entry.nodeid, 1)
                 raise
             return self._entry(self._inode(entry.nodeid)), opened
-        return self._open_new(fd, rec, xattrs, flags)
+        return self._open_new(fd, rec, xattrs, flags, parent, name)
 
     def _open_new(self, fd: int, rec: Record, xattrs: dict[bytes, bytes] | None,
-                  flags: int) -> tuple[Entry, Opened]:
+                  flags: int, parent: Inode | None = None,
+                  name: bytes | None = None) -> tuple[Entry, Opened]:
         """Enter a just-made file (its O_RDWR fd, closed here) and open a handle
         with the guest's own flags (O_APPEND, access mode, ...)."""
         host_flags = self._host_open_flags(flags)
         try:
-            ino, st = self._adopt_new(fd, rec, xattrs)
+            ino, st = self._adopt_new(fd, rec, xattrs, parent, name, opening=True)
             if host_flags & _NEEDS_REOPEN:
-                hfd = os.open(_proc_path(fd), host_flags)
+                try:
+                    hfd = os.open(_proc_path(fd), host_flags)
+                except BaseException:
+                    with self._lock:
+                        ino.opened -= 1
+                    raise
             else:
                 # The creating fd serves as the handle: O_RDWR covers any access
                 # mode the guest asked for (its own kernel checks the mode of
@@ -1124,7 +1418,8 @@ class PassthroughFs:
             if fd is not None:
                 os.close(fd)
         # st (taken after the link) is still the file's: opening changes nothing
-        return self._entry(ino, st), Opened(self._new_handle(hfd, ino.nodeid), noflush=True)
+        return self._entry(ino, st), Opened(self._new_handle(hfd, ino.nodeid, counted=True),
+                                            noflush=True)
 
     def read(self, ctx: Ctx, nodeid: int, fh: int, offset: int, views: list) -> int:
         if not views:
@@ -1192,11 +1487,7 @@ class PassthroughFs:
                 self._xremove_quiet(ino, self._caps, st)
 
     def release(self, ctx: Ctx, nodeid: int, fh: int) -> None:
-        with self._lock:
-            h = self._handles.pop(fh, None)
-        if h is None:
-            raise OSError(errno.EBADF, f"unknown file handle {fh}")
-        os.close(h.fd)
+        os.close(self._closed_handle(fh, "file").fd)
 
     def flush(self, ctx: Ctx, nodeid: int, fh: int) -> None:
         # POSIX locks are kept by the guest kernel (POSIX_LOCKS is not
@@ -1269,11 +1560,7 @@ class PassthroughFs:
             yield new_dirent((name, ino, dtype, i + 1))
 
     def releasedir(self, ctx: Ctx, nodeid: int, fh: int) -> None:
-        with self._lock:
-            h = self._handles.pop(fh, None)
-        if h is None:
-            raise OSError(errno.EBADF, f"unknown directory handle {fh}")
-        os.close(h.fd)
+        os.close(self._closed_handle(fh, "directory").fd)
 
     def fsyncdir(self, ctx: Ctx, nodeid: int, fh: int, datasync: bool) -> None:
         fd = self._handle(fh, is_dir=True).fd
@@ -1431,6 +1718,7 @@ class PassthroughFs:
         if self._closed:
             return
         self._closed = True
+        self.grace.close_all()
         self.destroy()
         for fd in (self._by_id[ROOT_ID].fd, self._syncfs_fd):
             os.close(fd)

@@ -129,3 +129,24 @@ def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int =
     return _check(_libc.syscall(ctypes.c_long(_SYS_openat2), ctypes.c_int(dirfd),
                                 ctypes.c_char_p(_path(path)), ctypes.byref(how),
                                 ctypes.c_size_t(ctypes.sizeof(how))))
+
+
+# name_to_handle_at(2): struct file_handle is handle_bytes (u32), handle_type
+# (int), then f_handle; MAX_HANDLE_SZ is 128 (include/linux/exportfs.h).
+MAX_HANDLE_SZ = 128
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+
+
+def file_handle_of(fd: int) -> bytes:
+    """The exportable handle of the inode behind `fd` (name_to_handle_at with
+    AT_EMPTY_PATH), as handle_type and f_handle bytes.  It names one inode
+    for its lifetime: its generation is in it, so an inode freed and its
+    number reused gets another.  Unprivileged (only open_by_handle_at needs
+    CAP_DAC_READ_SEARCH); EOPNOTSUPP where the filesystem cannot export."""
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    buf[0:4] = MAX_HANDLE_SZ.to_bytes(4, "little")
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH))
+    size = int.from_bytes(buf[0:4], "little")
+    return buf.raw[4:8 + size]

@@ -29,10 +29,15 @@ UID, GID = 1234, 5678
 
 
 class Session:
-    def __init__(self, root, layout="reader", options: tuple[str, ...] | None = None):
+    def __init__(self, root, layout="reader", options: tuple[str, ...] | None = None,
+                 fs: PassthroughFs | None = None):
         """`options`: vfsd's command line for the filesystem and the session
-        (None: PassthroughFs's and FuseServer's own defaults)."""
-        if options is None:
+        (None: PassthroughFs's and FuseServer's own defaults); `fs`: the
+        filesystem to serve, made by the caller."""
+        if fs is not None:
+            self.fs = fs
+            self.server = FuseServer(self.fs)
+        elif options is None:
             self.fs = PassthroughFs(str(root))
             self.server = FuseServer(self.fs)
         else:

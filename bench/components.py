@@ -9,7 +9,9 @@ Run under the daemon's interpreter (`python3 -m bench` re-executes itself with i
 from __future__ import annotations
 
 import bisect
+import inspect
 import os
+import resource
 import shutil
 import struct
 import time
@@ -73,11 +75,21 @@ def ring_cost(size: int = 256) -> float:
 
 # -- server + filesystem -------------------------------------------------------------------------
 
+def daemon_fs_options() -> dict:
+    """What the daemon passes PassthroughFs beyond the share on this machine, as far as the
+    code measured knows it (`bench instructions --compare` runs older code too): the fd
+    budget its RLIMIT_NOFILE gives (the soft limit raised to the hard one)."""
+    if "fd_budget" not in inspect.signature(PassthroughFs).parameters:
+        return {}
+    from vfsd.daemon import fd_budget
+    return {"fd_budget": fd_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[1])}
+
+
 class InProcess:
     """A FuseServer over a PassthroughFs on a scratch directory, fed from bytearrays."""
 
     def __init__(self, root: str):
-        self.fs = PassthroughFs(root)
+        self.fs = PassthroughFs(root, **daemon_fs_options())
         self.srv = FuseServer(self.fs, SessionOptions())
         self.out = bytearray(8192)
         init = fuse.fuse_init_in.pack(major=7, minor=38, max_readahead=131072,

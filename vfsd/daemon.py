@@ -146,10 +146,6 @@ def check_shared_dir(path: str) -> None:
         raise StartupError(f"shared directory {path}: not a directory")
 
 
-#: PassthroughFs keyword arguments that map to options: name -> (value from the Config,
-#: the value that needs no support).  Each is passed when the filesystem takes it; a build
-#: whose filesystem lacks one says so, or refuses the option where ignoring it would serve
-#: the guest something else than asked (see filesystem()).
 def fd_budget(limit: int) -> int:
     """How many of the guest's inodes may hold an O_PATH fd at once under an
     RLIMIT_NOFILE of `limit`.  The rest of the limit is for what else takes
@@ -159,6 +155,10 @@ def fd_budget(limit: int) -> int:
     return max(limit - max(limit // 4, 128), 16)
 
 
+#: PassthroughFs keyword arguments that map to options: name -> (value from the Config,
+#: the value that needs no support).  Each is passed when the filesystem takes it; a build
+#: whose filesystem lacks one says so, or refuses the option where ignoring it would serve
+#: the guest something else than asked (see filesystem()).
 def filesystem(config: Config, fs_class=PassthroughFs, budget: int | None = None):
     """The PassthroughFs for `config`, checked for user.* xattr support;
     `budget`: its fd budget (PassthroughFs's `fd_budget`)."""

@@ -1043,10 +1043,11 @@ class PassthroughFs:
         # node by its host inode (which the node's open fd keeps from being
         # freed, so its number cannot name another inode; an evicted node has
         # no fd, so it takes the open, and `_adopt` checks its file handle);
-        # only a node that is not live needs the open (and fstat) that enters it.  Which way
-        # goes first follows the listing for READDIRPLUS, and for LOOKUP what
-        # the parent's last lookup found (after drop_caches, or in a `find`,
-        # none of the names is live, and a stat first would be one syscall more).
+        # only a node that is not live needs the open (and fstat) that enters
+        # it.  Which way goes first follows the listing for READDIRPLUS, and
+        # for LOOKUP what the parent's last lookup found (after drop_caches, or
+        # in a `find`, none of the names is live, and a stat first would be
+        # one syscall more).
         ino = None
         if listed_ino:
             probe = (parent.key[0], listed_ino) in self._by_key
@@ -1398,15 +1399,11 @@ class PassthroughFs:
         """Enter a just-made file (its O_RDWR fd, closed here) and open a handle
         with the guest's own flags (O_APPEND, access mode, ...)."""
         host_flags = self._host_open_flags(flags)
+        ino = None
         try:
             ino, st = self._adopt_new(fd, rec, xattrs, parent, name, opening=True)
             if host_flags & _NEEDS_REOPEN:
-                try:
-                    hfd = os.open(_proc_path(fd), host_flags)
-                except BaseException:
-                    with self._lock:
-                        ino.opened -= 1
-                    raise
+                hfd = os.open(_proc_path(fd), host_flags)
             else:
                 # The creating fd serves as the handle: O_RDWR covers any access
                 # mode the guest asked for (its own kernel checks the mode of
@@ -1414,6 +1411,11 @@ class PassthroughFs:
                 if host_flags & os.O_APPEND:
                     fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
                 hfd, fd = fd, None
+        except BaseException:
+            if ino is not None:  # no handle after all
+                with self._lock:
+                    ino.opened -= 1
+            raise
         finally:
             if fd is not None:
                 os.close(fd)

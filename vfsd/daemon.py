@@ -429,6 +429,12 @@ def run(config: Config) -> int:
         log.info("terminated by %s", e)
         return 0
     finally:
+        # Leaving anyway: a termination signal from now on (an orchestrator stopping a
+        # daemon whose frontend just left) would turn a clean exit into an error - a
+        # Terminated outside this function, or, once the interpreter's teardown has put
+        # the default action back, death by the signal.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if created_socket:
             _unlink(config.socket_path)
         if pid_file is not None:

@@ -313,6 +313,31 @@ def test_sigterm_while_serving_exits_promptly(start, work):
     assert not sock.exists()
 
 
+def test_sigterm_while_exiting_after_the_frontend_left_is_still_a_clean_exit(start, work):
+    """What a test harness or an orchestrator does: the frontend goes, and the daemon gets
+    SIGTERM while it is exiting by itself.  (Before, that exited 1, or died by the signal.)"""
+    sock = work / "run" / "vfsd.sock"
+    codes = []
+    for i in range(5):
+        v = start(["--socket-path", sock, "--shared-dir", work / "share"])
+        v.wait_for(sock)
+        fe = Frontend(sock, timeout=5.0)
+        fe.setup(num_queues=2)
+        FuseClient(fe, queue=1).init()
+        fe.close()
+        deadline = time.monotonic() + 10
+        while "frontend disconnected; exiting" not in v.text():  # (as soon as it says so)
+            assert time.monotonic() < deadline, v.text()
+            time.sleep(0.0005)
+        try:
+            os.kill(v.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # gone already
+        codes.append(v.wait(5))
+        assert "Traceback" not in v.text(), v.text()
+    assert codes == [0] * 5
+
+
 def test_missing_shared_dir(start, work):
     sock = work / "run" / "vfsd.sock"
     v = start(["--socket-path", sock, "--shared-dir", work / "nonexistent"])

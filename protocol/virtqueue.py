@@ -194,9 +194,14 @@ class Virtqueue:
             # (the driver cannot have more chains out than descriptors).
             pending = (idx - last) & 0xFFFF
             if pending > self.size:
+                # Read once more for the operator: a second value that differs
+                # says the driver was still writing there (memory it reused,
+                # or a torn store), not that it published a wrong index.
+                again = self._avail16[1]
                 raise VirtqueueError(
                     f"available index jumped from {last} to {idx}: "
-                    f"{pending} new entries in a queue of size {self.size}")
+                    f"{pending} new entries in a queue of size {self.size}"
+                    + (f" (read again: {again})" if again != idx else ""))
             self._shadow_avail = idx
             if pending == 0:
                 return None

@@ -344,6 +344,29 @@ def test_avail_idx_going_backwards_is_a_jump():
     pop_error(vq, "jumped")
 
 
+class _IdxChangesOnce:
+    """avail->idx as a driver still writing it shows it: `first`, then `then`."""
+
+    def __init__(self, ring, first, then):
+        self.ring, self.reads = ring, [first, then]
+
+    def __getitem__(self, i):
+        return self.reads.pop(0) if i == 1 and len(self.reads) > 1 else (
+            self.reads[0] if i == 1 else self.ring[i])
+
+
+def test_avail_idx_jump_says_what_a_second_read_saw():
+    d, vq = make(size=8, last_avail_idx=5)
+    vq._avail16 = _IdxChangesOnce(vq._avail16, 0, 6)
+    pop_error(vq, r"jumped from 5 to 0: 65531 new entries in a queue of size 8 "
+                  r"\(read again: 6\)$")
+    d, vq = make(size=8)
+    d.set_avail_idx(9)
+    with pytest.raises(VirtqueueError) as e:
+        vq.pop()
+    assert "read again" not in str(e.value)  # the same value twice: nothing to add
+
+
 def test_head_out_of_range():
     d, vq = make(size=8)
     d.put_avail(8)

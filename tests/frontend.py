@@ -229,6 +229,7 @@ class GuestMemory:
         self._lock = threading.Lock()
         self.regions: list[Region] = []
         self._free: list[tuple[int, int]] = []  # (gpa, size), sorted
+        self._pinned: list[tuple[int, int]] = []  # (gpa, size): rings, never to be reused
         self._extra: list[tuple[int, mmap.mmap]] = []  # hot-plugged fds and maps
         for i in range(regions):
             self._add(Region(gpa_base + i * (part + gpa_hole), part, uva_base + i * (part + uva_hole),
@@ -335,14 +336,33 @@ class GuestMemory:
                     break
             else:
                 raise MemoryError(f"guest memory exhausted allocating {length} bytes")
+            self._check_unpinned(aligned, length, "allocated")
         self.write(aligned, bytes(length))
         return aligned
+
+    def pin(self, gpa: int, length: int) -> None:
+        """Mark an allocated range (a ring) as one the allocator must never hand
+        out again: the zero-fill of a new allocation there would be a driver
+        scribbling over its own ring, which the back-end rightly calls broken."""
+        with self._lock:
+            self._pinned.append((gpa, length))
+
+    def _check_unpinned(self, gpa: int, length: int, what: str) -> None:
+        for start, size in self._pinned:
+            if gpa < start + size and start < gpa + length:
+                raise AssertionError(f"test front-end bug: {what} 0x{gpa:x}+{length} overlaps "
+                                     f"a ring at 0x{start:x}+{size}")
 
     def free(self, gpa: int, length: int) -> None:
         length = max(1, length)
         with self._lock:
             if not any(r.gpa <= gpa < r.gpa + r.size for r in self.regions):
                 return
+            self._check_unpinned(gpa, length, "freed")
+            for start, size in self._free:
+                if gpa < start + size and start < gpa + length:
+                    raise AssertionError(f"test front-end bug: 0x{gpa:x}+{length} freed twice "
+                                         f"(free block 0x{start:x}+{size})")
             self._free.append((gpa, length))
             self._free.sort()
             merged: list[tuple[int, int]] = []
@@ -434,6 +454,9 @@ class DriverQueue:
         self.desc_gpa = mem.alloc(16 * size, 16)
         self.avail_gpa = mem.alloc(6 + 2 * size, 2)
         self.used_gpa = mem.alloc(6 + 8 * size, 4)
+        for gpa, length in ((self.desc_gpa, 16 * size), (self.avail_gpa, 6 + 2 * size),
+                            (self.used_gpa, 6 + 8 * size)):
+            mem.pin(gpa, length)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.free_descs: list[int] = list(range(size))
@@ -605,8 +628,11 @@ class DriverQueue:
                 return got
             left = deadline - time.monotonic()
             if left <= 0:
+                # avail idx both as published and as guest memory holds it now: a
+                # difference means something else wrote over the ring.
                 raise Timeout(f"queue {self.index}: {len(got)}/{count} used elements after {timeout}s "
-                              f"(used idx {self.used_idx()}, avail idx {self.avail_idx})")
+                              f"(used idx {self.used_idx()}, avail idx {self.avail_idx}, "
+                              f"in memory {self.mem.read_u16(self.avail_gpa + 2)})")
             # Poll the ring too: a missed notification must not hang the test, it
             # is checked separately by tests that care.
             self.wait_call(min(left, 0.05))

@@ -628,8 +628,9 @@ class DriverQueue:
                 return got
             left = deadline - time.monotonic()
             if left <= 0:
-                # avail idx both as published and as guest memory holds it now: a
-                # difference means something else wrote over the ring.
+                # avail idx both as this driver last set it and as guest memory holds
+                # it now: unless a test held entries back (publish=False), a difference
+                # means something else wrote over the ring.
                 raise Timeout(f"queue {self.index}: {len(got)}/{count} used elements after {timeout}s "
                               f"(used idx {self.used_idx()}, avail idx {self.avail_idx}, "
                               f"in memory {self.mem.read_u16(self.avail_gpa + 2)})")

@@ -194,14 +194,7 @@ class Virtqueue:
             # (the driver cannot have more chains out than descriptors).
             pending = (idx - last) & 0xFFFF
             if pending > self.size:
-                # Read once more for the operator: a second value that differs
-                # says the driver was still writing there (memory it reused,
-                # or a torn store), not that it published a wrong index.
-                again = self._avail16[1]
-                raise VirtqueueError(
-                    f"available index jumped from {last} to {idx}: "
-                    f"{pending} new entries in a queue of size {self.size}"
-                    + (f" (read again: {again})" if again != idx else ""))
+                raise self._jump_error(last, idx, pending)
             self._shadow_avail = idx
             if pending == 0:
                 return None
@@ -294,6 +287,22 @@ class Virtqueue:
             i = nxt
         self._last_avail = (last + 1) & 0xFFFF
         return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    def _jump_error(self, last: int, idx: int, pending: int) -> VirtqueueError:
+        """The error for an avail idx that moved by more than the ring size.
+
+        What the rings hold is read once more for the operator: an avail idx
+        that reads differently now says the driver was still writing there
+        (memory it reused, or a torn store), and a used idx other than the
+        one this device last stored says the memory under the rings changed,
+        not that the driver published a wrong index."""
+        again, used = self._avail16[1], self._used16[1]
+        notes = ([f"read again: {again}"] if again != idx else []) + (
+            [f"the used ring's idx reads {used}, not the {self._used_idx} stored"]
+            if used != self._used_idx else [])
+        return VirtqueueError(f"available index jumped from {last} to {idx}: {pending} new "
+                              f"entries in a queue of size {self.size}"
+                              + (f" ({'; '.join(notes)})" if notes else ""))
 
     def _indirect_table(self, i: int, addr: int, length: int, flags: int, head: int,
                         in_table: bool) -> memoryview:

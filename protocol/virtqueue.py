@@ -291,15 +291,23 @@ class Virtqueue:
     def _jump_error(self, last: int, idx: int, pending: int) -> VirtqueueError:
         """The error for an avail idx that moved by more than the ring size.
 
-        What the rings hold is read once more for the operator: an avail idx
-        that reads differently now says the driver was still writing there
-        (memory it reused, or a torn store), and a used idx other than the
-        one this device last stored says the memory under the rings changed,
-        not that the driver published a wrong index."""
-        again, used = self._avail16[1], self._used16[1]
+        The rings are read once more for the operator.  An avail idx that reads
+        differently now says the driver was still writing there (memory it
+        reused, or a torn store).  Most of the used elements this device stored
+        last reading as zeros (a stored one is all zeros only for descriptor 0
+        completed with nothing written) say the memory under the rings was
+        cleared: a driver that set the queue up afresh without resetting the
+        device, or memory lost under both.
+        Either way it is not a wrong index published by a working driver."""
+        again = self._avail16[1]
+        ring, mask = self._used_ring, self._mask
+        stored = min(self._used_idx, self.size)
+        zeros = sum(1 for i in range(1, stored + 1)
+                    if not ring[2 * ((self._used_idx - i) & mask)]
+                    and not ring[2 * ((self._used_idx - i) & mask) + 1])
         notes = ([f"read again: {again}"] if again != idx else []) + (
-            [f"the used ring's idx reads {used}, not the {self._used_idx} stored"]
-            if used != self._used_idx else [])
+            [f"{zeros} of the last {stored} used elements read as zeros: was the "
+             f"rings' memory cleared?"] if zeros > stored // 2 else [])
         return VirtqueueError(f"available index jumped from {last} to {idx}: {pending} new "
                               f"entries in a queue of size {self.size}"
                               + (f" ({'; '.join(notes)})" if notes else ""))

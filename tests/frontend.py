@@ -461,6 +461,7 @@ class DriverQueue:
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.free_descs: list[int] = list(range(size))
         self.avail_idx = 0  # driver's shadow of avail->idx
+        self.avail_written = [0] * size  # what this driver stored in each avail ring entry
         self.last_used = 0  # next used index the driver reads
         self.inflight: dict[int, Chain] = {}
         self.lock = threading.RLock()
@@ -479,6 +480,7 @@ class DriverQueue:
         """Append `head` to the avail ring (any value, even out of range)."""
         with self.lock:
             self.mem.write_u16(self.avail_gpa + 4 + 2 * (self.avail_idx % self.size), head)
+            self.avail_written[self.avail_idx % self.size] = head & 0xFFFF
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
             if publish:
                 self.publish()
@@ -628,12 +630,15 @@ class DriverQueue:
                 return got
             left = deadline - time.monotonic()
             if left <= 0:
-                # avail idx both as this driver last set it and as guest memory holds
-                # it now: unless a test held entries back (publish=False), a difference
-                # means something else wrote over the ring.
+                # The avail ring as this driver wrote it against what guest memory
+                # holds now: unless a test held entries back (publish=False) or wrote
+                # the ring by hand, a difference means something else wrote over it.
+                changed = sum(self.mem.read_u16(self.avail_gpa + 4 + 2 * i) != v
+                              for i, v in enumerate(self.avail_written))
                 raise Timeout(f"queue {self.index}: {len(got)}/{count} used elements after {timeout}s "
                               f"(used idx {self.used_idx()}, avail idx {self.avail_idx}, "
-                              f"in memory {self.mem.read_u16(self.avail_gpa + 2)})")
+                              f"in memory {self.mem.read_u16(self.avail_gpa + 2)}; {changed} of "
+                              f"the {self.size} avail entries differ from what this driver wrote)")
             # Poll the ring too: a missed notification must not hang the test, it
             # is checked separately by tests that care.
             self.wait_call(min(left, 0.05))

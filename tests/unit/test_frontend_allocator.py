@@ -4,7 +4,7 @@ under a running back-end (which the back-end would rightly call a broken queue).
 
 import pytest
 
-from tests.frontend import DriverQueue, GuestMemory
+from tests.frontend import DriverQueue, GuestMemory, Timeout
 
 
 @pytest.fixture
@@ -37,3 +37,14 @@ def test_freed_memory_is_reused_and_zeroed(mem):
     gpa = mem.put(b"x" * 100)
     mem.free(gpa, 100)
     assert mem.alloc(100) == gpa and mem.read(gpa, 100) == bytes(100)
+
+
+def test_a_timeout_says_whether_the_avail_ring_still_holds_what_was_written(mem):
+    q = DriverQueue(mem, 1, 8)
+    q.add([b"request"], [16])
+    q.add([b"request"], [16])  # head 2: an entry that reads differently once cleared
+    with pytest.raises(Timeout, match=r"avail idx 2, in memory 2; 0 of the 8 avail entries"):
+        q.wait_used(timeout=0.01)
+    mem.write(q.avail_gpa, bytes(6 + 2 * 8))  # the ring's memory cleared under the driver
+    with pytest.raises(Timeout, match=r"avail idx 2, in memory 0; 1 of the 8 avail entries"):
+        q.wait_used(timeout=0.01)

@@ -434,7 +434,8 @@ class PassthroughFs:
         budget = self.fd_budget
         if self._open_node_fds < self._evict_again_at:
             return  # the last try found too few to evict; wait for more nodes
-        target = budget - max(budget // 16, 1)
+        batch = max(budget // 16, 1)
+        target = budget - batch
         order, by_id = self._fd_order, self._by_id
         retired: list[int] = []
         unexportable: OSError | None = None
@@ -472,7 +473,7 @@ class PassthroughFs:
             log.warning("some inodes keep their fds over the budget of %d: %s", budget,
                         unexportable)
         self.evictions += len(retired)
-        self._evict_again_at = (self._open_node_fds + max(budget // 16, 1)
+        self._evict_again_at = (self._open_node_fds + batch
                                 if self._open_node_fds > target else 0)
         self.grace.retire(retired)
 
@@ -612,10 +613,10 @@ class PassthroughFs:
     @staticmethod
     def _node_fds(ino: Inode) -> list[int]:
         """A dropped node's fds (an evicted one's own was retired when it was)."""
-        if ino.retired_fds is None and ino.evicted is None:
-            return [ino.fd]
-        fds = [] if ino.evicted is not None else [ino.fd]
-        return fds + (ino.retired_fds or [])
+        fds = [ino.fd] if ino.evicted is None else []
+        if ino.retired_fds:
+            fds += ino.retired_fds
+        return fds
 
     def batch_forget(self, items) -> None:
         # One table lock for the whole batch; the fds are closed outside it,

@@ -300,11 +300,10 @@ class Virtqueue:
         device, or memory lost under both.
         Either way it is not a wrong index published by a working driver."""
         again = self._avail16[1]
-        ring, mask = self._used_ring, self._mask
-        stored = min(self._used_idx, self.size)
-        zeros = sum(1 for i in range(1, stored + 1)
-                    if not ring[2 * ((self._used_idx - i) & mask)]
-                    and not ring[2 * ((self._used_idx - i) & mask) + 1])
+        ring, used = self._used_ring, self._used_idx
+        stored = min(used, self.size)
+        slots = (2 * ((used - i) & self._mask) for i in range(1, stored + 1))
+        zeros = sum(1 for j in slots if not ring[j] and not ring[j + 1])
         notes = ([f"read again: {again}"] if again != idx else []) + (
             [f"{zeros} of the last {stored} used elements read as zeros: was the "
              f"rings' memory cleared?"] if zeros > stored // 2 else [])

@@ -351,8 +351,9 @@ class _IdxChangesOnce:
         self.ring, self.reads = ring, [first, then]
 
     def __getitem__(self, i):
-        return self.reads.pop(0) if i == 1 and len(self.reads) > 1 else (
-            self.reads[0] if i == 1 else self.ring[i])
+        if i != 1:
+            return self.ring[i]
+        return self.reads.pop(0) if len(self.reads) > 1 else self.reads[0]
 
 
 def test_avail_idx_jump_says_what_a_second_read_saw():

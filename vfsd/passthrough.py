@@ -1323,7 +1323,9 @@ class PassthroughFs:
             if ino is not None and not counted:
                 ino.opened += 1
         if ino is not None and ino.evicted is not None:
-            ino.fd  # evicted just before: opened again, and kept open now
+            # evicted between the handle's open and its count: open it again,
+            # to stay open now that the count keeps it from the budget
+            self._reopen(ino)
         return fh
 
     def _closed_handle(self, fh: int, what: str) -> Handle:

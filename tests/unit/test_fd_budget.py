@@ -186,6 +186,22 @@ def test_open_and_hard_linked_files_keep_their_fds(s):
     assert getattr_(s, ln.nodeid).attr.nlink == 1
 
 
+def test_a_node_evicted_before_its_handle_is_counted_is_opened_again_and_kept(s):
+    """An OPEN opens its handle, then counts it on the node; another thread's
+    eviction in between leaves a node with a handle but no fd, which the count
+    opens again and keeps open."""
+    nodes = fill(s, 4 * BUDGET)
+    e = nodes["f0"]
+    ino = s.fs._by_id[e.nodeid]
+    assert ino.evicted is not None
+    fh = s.fs._new_handle(os.open(s.root / "f0", os.O_RDONLY | os.O_CLOEXEC), e.nodeid)
+    assert ino.evicted is None and ino.opened == 1
+    fill(s, 4 * BUDGET, prefix="g")
+    assert ino.evicted is None and s.fs.stale == 0
+    s.ok(Op.RELEASE, e.nodeid, fuse.fuse_release_in.pack(fh=fh))
+    assert ino.opened == 0
+
+
 def test_forgetting_evicted_nodes_closes_nothing_twice(s):
     nodes = fill(s, 6 * BUDGET)
     before = open_fds()

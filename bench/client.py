@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 
 from protocol import fuse
 from tests.frontend import Buffer, Frontend
@@ -143,6 +144,35 @@ class Pipe:
         # other's completion after it stopped looking): one hiprio request at a time.
         with _hiprio_lock:
             hq.submit([hdr + args], [], timeout=self.timeout)
+
+    def hiprio_post(self, opcode: int, nodeid: int, args: bytes) -> None:
+        """A replyless request on queue 0 sent as the guest sends it: made available and
+        kicked, its completion not waited for (Linux frees a FORGET when its used buffer
+        comes back, in `virtio_fs_hiprio_done_work`; nothing waits on it).  vfsd holds
+        the notification for the hiprio queue back up to 20 ms (`coalesced_queues`), so
+        waiting for each completion would time that timer, not the daemon.  Completed
+        chains are collected here; `hiprio_drain` waits for the rest."""
+        hq = self.fe.queues[0]
+        chain = [IN_HDR.pack(IN_HDR.size + len(args), opcode, _next_unique(), nodeid, 0, 0,
+                             self.pid, 0, 0) + args]
+        with _hiprio_lock:
+            hq.poll_used()
+            try:
+                hq.add(chain, [])
+            except MemoryError:  # every descriptor out: wait for the device to give one back
+                hq.stash.clear()
+                hq.wait_used(self.timeout)
+                hq.add(chain, [])
+            hq.kick()
+
+    def hiprio_drain(self) -> None:
+        """Wait until every request `hiprio_post` sent is completed."""
+        hq = self.fe.queues[0]
+        deadline = time.monotonic() + self.timeout
+        with _hiprio_lock:
+            while hq.inflight:
+                hq.stash.clear()  # posted requests' completions: nobody waits for them
+                hq.wait_used(max(0.0, deadline - time.monotonic()))
 
 
 # -- argument builders ------------------------------------------------------------------------

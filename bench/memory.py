@@ -124,7 +124,9 @@ def main(argv: list[str]) -> int:
             def forget(nodes):
                 items = [(x, 1) for x in nodes]
                 for i in range(0, len(items), 500):
-                    pipe.hiprio(fuse.Opcode.BATCH_FORGET, 0, C.batch_forget_args(items[i:i + 500]))
+                    pipe.hiprio_post(fuse.Opcode.BATCH_FORGET, 0,
+                                     C.batch_forget_args(items[i:i + 500]))
+                pipe.hiprio_drain()
                 sess.client.getattr(1)  # a round trip: the forgets before it are done
                 # ... and their fds are closed by vfsd's closer thread soon after
                 deadline, last = time.monotonic() + 5, open_fds(pid)

@@ -144,7 +144,8 @@ class Bench:
     def forget(self, items: list[tuple[int, int]]) -> None:
         for i in range(0, len(items), 200):
             chunk = items[i:i + 200]
-            self.pipe.hiprio(fuse.Opcode.BATCH_FORGET, 0, C.batch_forget_args(chunk))
+            self.pipe.hiprio_post(fuse.Opcode.BATCH_FORGET, 0, C.batch_forget_args(chunk))
+        self.pipe.hiprio_drain()
 
     # -- operations ---------------------------------------------------------------------------
     def enosys(self) -> Figure:
@@ -275,6 +276,7 @@ class Bench:
         state = {"made": []}
 
         def make():
+            self.pipe.hiprio_drain()  # the last pass's FORGETs, untimed
             base = self._ctr
             self._ctr += chunk
             names = [b"r%08d" % (base + k) for k in range(chunk)]
@@ -295,10 +297,12 @@ class Bench:
             for nm, node in made:
                 self._ok(self.pipe.run([C.getattr_(d)]))
                 self._ok(self.pipe.run([C.unlink(d, nm)]))
-                self.pipe.hiprio(fuse.Opcode.FORGET, node, fuse.fuse_forget_in.pack(nlookup=1))
+                self.pipe.hiprio_post(fuse.Opcode.FORGET, node,
+                                      fuse.fuse_forget_in.pack(nlookup=1))
             return len(made), 3 * len(made), 0
         make()
         f = self._loop(step, make)
+        self.pipe.hiprio_drain()
         for nm, node in state["made"]:
             os.unlink(self.share / "new" / os.fsdecode(nm))
         self.forget([(node, 1) for _, node in state["made"]])

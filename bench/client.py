@@ -138,12 +138,15 @@ class Pipe:
     def hiprio(self, opcode: int, nodeid: int, args: bytes) -> None:
         """A replyless request (FORGET, BATCH_FORGET) on queue 0; waits for its completion."""
         hq = self.fe.queues[0]
-        hdr = IN_HDR.pack(IN_HDR.size + len(args), opcode, _next_unique(), nodeid, 0, 0,
-                          self.pid, 0, 0)
+        request = self._replyless(opcode, nodeid, args)
         # DriverQueue.submit is not safe for two waiters on one queue (one can stash the
         # other's completion after it stopped looking): one hiprio request at a time.
         with _hiprio_lock:
-            hq.submit([hdr + args], [], timeout=self.timeout)
+            hq.submit([request], [], timeout=self.timeout)
+
+    def _replyless(self, opcode: int, nodeid: int, args: bytes) -> bytes:
+        return IN_HDR.pack(IN_HDR.size + len(args), opcode, _next_unique(), nodeid, 0, 0,
+                           self.pid, 0, 0) + args
 
     def hiprio_post(self, opcode: int, nodeid: int, args: bytes) -> None:
         """A replyless request on queue 0 sent as the guest sends it: made available and
@@ -153,8 +156,7 @@ class Pipe:
         waiting for each completion would time that timer, not the daemon.  Completed
         chains are collected here; `hiprio_drain` waits for the rest."""
         hq = self.fe.queues[0]
-        chain = [IN_HDR.pack(IN_HDR.size + len(args), opcode, _next_unique(), nodeid, 0, 0,
-                             self.pid, 0, 0) + args]
+        chain = [self._replyless(opcode, nodeid, args)]
         with _hiprio_lock:
             hq.poll_used()
             try:

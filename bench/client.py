@@ -159,12 +159,10 @@ class Pipe:
         chain = [self._replyless(opcode, nodeid, args)]
         with _hiprio_lock:
             hq.poll_used()
-            try:
-                hq.add(chain, [])
-            except MemoryError:  # every descriptor out: wait for the device to give one back
+            while not hq.free_descs:  # every descriptor out: wait for the device to give one back
                 hq.stash.clear()
                 hq.wait_used(self.timeout)
-                hq.add(chain, [])
+            hq.add(chain, [])
             hq.kick()
 
     def hiprio_drain(self) -> None:

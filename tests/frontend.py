@@ -340,12 +340,15 @@ class GuestMemory:
         self.write(aligned, bytes(length))
         return aligned
 
-    def pin(self, gpa: int, length: int) -> None:
-        """Mark an allocated range (a ring) as one the allocator must never hand
-        out again: the zero-fill of a new allocation there would be a driver
-        scribbling over its own ring, which the back-end rightly calls broken."""
+    def alloc_ring(self, length: int, align: int) -> int:
+        """`alloc` for a ring: a range the allocator must never hand out (or take
+        back) again, since the zero-fill of a new allocation there would be a
+        driver scribbling over its own ring, which the back-end rightly calls
+        broken."""
+        gpa = self.alloc(length, align)
         with self._lock:
             self._pinned.append((gpa, length))
+        return gpa
 
     def _check_unpinned(self, gpa: int, length: int, what: str) -> None:
         for start, size in self._pinned:
@@ -451,12 +454,9 @@ class DriverQueue:
         self.mem = mem
         self.index = index
         self.size = size
-        self.desc_gpa = mem.alloc(16 * size, 16)
-        self.avail_gpa = mem.alloc(6 + 2 * size, 2)
-        self.used_gpa = mem.alloc(6 + 8 * size, 4)
-        for gpa, length in ((self.desc_gpa, 16 * size), (self.avail_gpa, 6 + 2 * size),
-                            (self.used_gpa, 6 + 8 * size)):
-            mem.pin(gpa, length)
+        self.desc_gpa = mem.alloc_ring(16 * size, 16)
+        self.avail_gpa = mem.alloc_ring(6 + 2 * size, 2)
+        self.used_gpa = mem.alloc_ring(6 + 8 * size, 4)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.free_descs: list[int] = list(range(size))

@@ -126,9 +126,9 @@ def main(argv: list[str]) -> int:
                 for i in range(0, len(items), 500):
                     pipe.hiprio_post(fuse.Opcode.BATCH_FORGET, 0,
                                      C.batch_forget_args(items[i:i + 500]))
+                # every FORGET completed is one served (vfsd pushes its used element
+                # after the handler); their fds are closed by vfsd's closer thread soon after
                 pipe.hiprio_drain()
-                sess.client.getattr(1)  # a round trip: the forgets before it are done
-                # ... and their fds are closed by vfsd's closer thread soon after
                 deadline, last = time.monotonic() + 5, open_fds(pid)
                 while time.monotonic() < deadline:
                     time.sleep(0.02)
